@@ -1,0 +1,38 @@
+"""Command line: `python -m hykernels demo | info`."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+
+def _info() -> int:
+    from . import __version__, backends
+
+    print(f"hykernels {__version__}, torch {torch.__version__}, python {platform.python_version()}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device: {device}")
+    for name in backends.BACKENDS[:-1] + ("triton", "cuda"):
+        reason = backends.availability(name, device)
+        print(f"  {name:14s} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hykernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the CPU demo on an embedded toy batch")
+    demo.add_argument("--seed", type=int, default=0)
+    sub.add_parser("info", help="versions and which backends can run here")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from . import _demo
+
+        return _demo.main(args.seed)
+    return _info()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

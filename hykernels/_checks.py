@@ -1,0 +1,183 @@
+"""Input validation for every public entry point: one place, clear errors naming the argument.
+
+Shape, dtype and device checks are always on. Value checks (target range, finiteness) cost a
+device→host sync on a GPU; they are on by default and can be switched off for production loops
+with ``HYKERNELS_CHECKS=0`` or ``hykernels.set_checks(False)``. With them off the kernels still
+never read out of bounds: out-of-range targets are treated as ignored, NaN propagates.
+"""
+from __future__ import annotations
+
+import math
+import os
+from numbers import Real
+from typing import Optional, Sequence
+
+import torch
+
+from ._types import LogitOptions, LossTerms
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+_value_checks = os.environ.get("HYKERNELS_CHECKS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def set_checks(enabled: bool) -> None:
+    """Turn the value checks (target range, non-finite inputs) on or off process-wide."""
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+def checks_enabled() -> bool:
+    return _value_checks
+
+
+def _tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _float_dtype(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
+
+
+def _same_device(name: str, x: torch.Tensor, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of hidden), got {x.device}")
+
+
+def _positive(name: str, value, allow_none: bool = False) -> Optional[float]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0{' or None' if allow_none else ''}, got {value!r}")
+    return float(value)
+
+
+def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index, chunk_size):
+    """Validate the inputs every op shares. Returns (hidden [N, D], targets [N] int64,
+    bias, leading shape, LogitOptions). ``targets`` may be None (no targets: all rows ignored)."""
+    hidden, weight = _tensor("hidden", hidden), _tensor("weight", weight)
+    _float_dtype("hidden", hidden)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden: expected shape [..., D] with at least 2 dims, got {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected shape [V, D], got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
+    device = hidden.device
+    _same_device("weight", weight, device)
+    lead, dim = tuple(hidden.shape[:-1]), hidden.shape[-1]
+    if weight.shape[1] != dim:
+        raise ValueError(f"weight: expected shape [V, {dim}] (D from hidden), got {tuple(weight.shape)}")
+    vocab = weight.shape[0]
+    if vocab == 0 or dim == 0:
+        raise ValueError(f"weight: expected V > 0 and D > 0, got shape {tuple(weight.shape)}")
+    if math.prod(lead) == 0:
+        raise ValueError(f"hidden: empty batch (shape {tuple(hidden.shape)}): nothing to compute")
+    if bias is not None:
+        bias = _tensor("bias", bias)
+        if bias.shape != (vocab,):
+            raise ValueError(f"bias: expected shape [{vocab}] (V from weight), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: expected dtype {hidden.dtype} (the dtype of hidden), got {bias.dtype}")
+        _same_device("bias", bias, device)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if targets is None:
+        targets = torch.full(lead, ignore_index, dtype=torch.int64, device=device)
+    targets = _tensor("targets", targets)
+    if targets.dtype not in INDEX_DTYPES:
+        raise TypeError(f"targets: expected an integer dtype (int64 or int32), got {targets.dtype}")
+    if tuple(targets.shape) != lead:
+        raise ValueError(f"targets: expected shape {list(lead)} (hidden's leading dims), got {list(targets.shape)}")
+    _same_device("targets", targets, device)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    opts = LogitOptions(
+        temperature=_positive("temperature", temperature),
+        softcap=_positive("softcap", softcap, allow_none=True),
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+    )
+    hidden2d = hidden.reshape(-1, dim)
+    targets1d = targets.reshape(-1).long()
+    if _value_checks:
+        _check_values(hidden2d, weight, bias, targets1d, vocab, ignore_index)
+    return hidden2d, targets1d, bias, lead, opts
+
+
+def _nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
+    # A sum is O(1) extra memory and is non-finite if any element is; a finite sum that
+    # overflows is caught by the exact test in _raise_nonfinite before raising.
+    return ~torch.isfinite(x.sum(dtype=torch.float64 if x.device.type == "cpu" else torch.float32))
+
+
+def _raise_nonfinite(named: Sequence[tuple[str, torch.Tensor]], flags: Sequence[bool]) -> None:
+    for (name, x), flag in zip(named, flags):
+        if flag and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name}: contains non-finite values (NaN or Inf)")
+
+
+def _check_values(hidden, weight, bias, targets, vocab, ignore_index) -> None:
+    named = [("hidden", hidden), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    bad_target = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    flags = torch.stack([_nonfinite_flag(x) for _, x in named] + [bad_target.any()]).tolist()  # one sync
+    _raise_nonfinite(named, flags[:-1])
+    if flags[-1]:
+        row = int(bad_target.nonzero()[0, 0])
+        raise ValueError(
+            f"targets: expected ids in [0, {vocab}) or ignore_index={ignore_index}, "
+            f"got {int(targets[row])} at row {row}"
+        )
+
+
+def _per_token(name: str, value, n: int, lead: tuple, device, dtype) -> Optional[torch.Tensor]:
+    """A per-token constant: None, a number (broadcast) or a tensor shaped like targets."""
+    if value is None:
+        return None
+    if isinstance(value, Real) and not isinstance(value, bool):
+        return torch.full((n,), float(value), dtype=dtype, device=device)
+    value = _tensor(name, value)
+    _float_dtype(name, value)
+    _same_device(name, value, device)
+    if value.dim() == 0:
+        return value.detach().to(dtype).expand(n)
+    if tuple(value.shape) != lead:
+        raise ValueError(f"{name}: expected shape {list(lead)} (one value per token, like targets), got {list(value.shape)}")
+    return value.detach().reshape(n).to(dtype)
+
+
+def check_loss_terms(lead, device, dtype, *, rd_weight, rlif_weight, advantages, old_logp, ref_logp,
+                     kl_weight, entropy_weight, clip_eps) -> LossTerms:
+    """Validate fused_loss's per-token terms. Weights, advantages and log-probs are constants:
+    no gradient flows into them (they are detached)."""
+    n = math.prod(lead)
+    values = dict(rd_weight=rd_weight, rlif_weight=rlif_weight, advantages=advantages, old_logp=old_logp,
+                  ref_logp=ref_logp, kl_weight=kl_weight, entropy_weight=entropy_weight)
+    t = {k: _per_token(k, v, n, lead, device, dtype) for k, v in values.items()}
+    for need, given in (("advantages", "rlif_weight"), ("ref_logp", "kl_weight")):
+        if (t[need] is None) != (t[given] is None):
+            have, missing = (given, need) if t[need] is None else (need, given)
+            raise ValueError(f"{missing}: required when {have} is given (the term uses both)")
+    if t["old_logp"] is not None and t["rlif_weight"] is None:
+        raise ValueError("old_logp: given without rlif_weight/advantages; it only enters the PPO term")
+    if all(t[k] is None for k in ("rd_weight", "rlif_weight", "kl_weight", "entropy_weight")):
+        raise ValueError("fused_loss: no loss term; pass rd_weight, rlif_weight (+advantages), "
+                         "kl_weight (+ref_logp) or entropy_weight")
+    if isinstance(clip_eps, Real):
+        clip_eps = (clip_eps, clip_eps)
+    if (not isinstance(clip_eps, (tuple, list)) or len(clip_eps) != 2
+            or not all(isinstance(e, Real) and math.isfinite(e) and e >= 0 for e in clip_eps) or clip_eps[0] >= 1):
+        raise ValueError(f"clip_eps: expected (low, high) with 0 <= low < 1 and high >= 0, got {clip_eps!r}")
+    if _value_checks:
+        given = [(k, v) for k, v in t.items() if v is not None]
+        flags = torch.stack([~torch.isfinite(v).all() for _, v in given]).tolist()
+        for (k, _), bad in zip(given, flags):
+            if bad:
+                raise ValueError(f"{k}: contains non-finite values (NaN or Inf)")
+    return LossTerms(**t, clip_low=float(clip_eps[0]), clip_high=float(clip_eps[1]))

@@ -1,0 +1,63 @@
+"""Backend registry and the one dispatch point.
+
+Every backend module offers the same small interface:
+    NAME
+    availability(device) -> None | str            (None: usable; str: why not)
+    token_stats(hidden, weight, bias, targets, opts) -> (TokenStats, lse_lo)
+    token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs, needs) -> (dH, dW, db)
+    fused_loss(hidden, weight, bias, targets, opts, terms, needs) -> (loss, TokenStats, dH, dW, db)
+``needs`` is (hidden, weight, bias) booleans: gradients not needed are not computed (None).
+``lse_lo`` is lse's rounding remainder (lse + lse_lo ≈ the exact log-normaliser, see
+_dense.row_stats); the backward needs it so large-magnitude logits keep fp32 accuracy.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+# name -> module path; modules are imported on first use so a missing optional
+# dependency of one backend never breaks the others.
+_MODULES = {
+    "reference": "hykernels.backends.reference",
+    "torch_chunked": "hykernels.backends.torch_chunked",
+}
+# Names the design reserves for backends that are not part of this build yet.
+_PLANNED = ("triton", "cuda")
+BACKENDS = tuple(_MODULES) + ("auto",)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here; the message says what is missing."""
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(_MODULES[name])
+
+
+def availability(name: str, device: torch.device) -> str | None:
+    """None if backend ``name`` can run on ``device``, else the reason it cannot."""
+    if name in _PLANNED and name not in _MODULES:
+        return f"the {name} backend is not part of this hykernels build yet"
+    try:
+        module = _load(name)
+    except ImportError as exc:  # an optional dependency is missing
+        return f"importing the {name} backend failed: {exc}"
+    return module.availability(device)
+
+
+def resolve(name: str, device: torch.device) -> ModuleType:
+    """The backend module for ``name`` ("auto" picks the fastest usable one)."""
+    if name == "auto":
+        order = ("cuda", "triton", "torch_chunked") if device.type == "cuda" else ("torch_chunked",)
+        for candidate in order:
+            if candidate in _MODULES and availability(candidate, device) is None:
+                return _load(candidate)
+        raise BackendUnavailableError(f"no backend can run on device {device}")  # unreachable today
+    if name not in _MODULES and name not in _PLANNED:
+        raise ValueError(f"backend: unknown backend {name!r}; expected one of {BACKENDS}")
+    reason = availability(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} is unavailable on {device}: {reason}")
+    return _load(name)
