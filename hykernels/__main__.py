@@ -14,7 +14,7 @@ def _info() -> int:
     print(f"hykernels {__version__}, torch {torch.__version__}, python {platform.python_version()}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {device}")
-    for name in backends.BACKENDS[:-1] + ("triton", "cuda"):
+    for name in backends.NAMES:
         reason = backends.availability(name, device)
         print(f"  {name:14s} {'available' if reason is None else 'unavailable: ' + reason}")
     return 0

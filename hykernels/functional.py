@@ -78,7 +78,7 @@ def token_stats(
     """
     h, y, bias, lead, opts = check_logit_inputs(hidden, weight, targets, bias, temperature, softcap,
                                                 ignore_index, chunk_size)
-    impl = backends.resolve(backend, h.device)
+    impl = backends.resolve(backend, h.device, h.dtype)
     stats = _TokenStatsFn.apply(h, weight, bias, y, opts, impl)
     return TokenStats(*stats).reshape(lead)
 
@@ -122,6 +122,6 @@ def fused_loss(
     terms = check_loss_terms(lead, h.device, dtype, rd_weight=rd_weight, rlif_weight=rlif_weight,
                              advantages=advantages, old_logp=old_logp, ref_logp=ref_logp,
                              kl_weight=kl_weight, entropy_weight=entropy_weight, clip_eps=clip_eps)
-    impl = backends.resolve(backend, h.device)
+    impl = backends.resolve(backend, h.device, h.dtype)
     loss, *stats = _FusedLossFn.apply(h, weight, bias, y, opts, terms, impl)
     return loss, TokenStats(*stats).reshape(lead)

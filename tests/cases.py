@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from conftest import DEVICE
+
 # name -> (N, D, V, logit scale, bias offset, chunk size); none of N, D, V is a power of two.
 SHAPES = {
     "ragged": (37, 19, 103, 2.0, 0.0, 16),
@@ -57,6 +59,6 @@ def make_case(rng, shape, options, dtype, requires_grad=True, ignore_index=-100)
         y[:] = ignore_index
 
     def leaf(t):
-        return None if t is None else t.to(dtype).requires_grad_(requires_grad)
+        return None if t is None else t.to(DEVICE, dtype).requires_grad_(requires_grad)
 
-    return Case(leaf(h), leaf(w), y, leaf(b), temperature, softcap, chunk)
+    return Case(leaf(h), leaf(w), y.to(DEVICE), leaf(b), temperature, softcap, chunk)

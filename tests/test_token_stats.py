@@ -7,13 +7,15 @@ import hykernels as hk
 import oracle
 from cases import OPTIONS, SHAPES, make_case
 
-BACKENDS = ["reference", "torch_chunked"]
+from conftest import BACKENDS, DEVICE
+
+FP64_BACKENDS = ["reference", "torch_chunked"]  # triton accumulates in fp32 and refuses fp64
 DIFFERENTIABLE = ("logp", "entropy", "self_certainty", "lse")
 
 
 def upstream(rng, n):
     """Non-uniform upstream gradients for each differentiable statistic."""
-    return {k: torch.randn(n, generator=rng, dtype=torch.float64) for k in DIFFERENTIABLE}
+    return {k: torch.randn(n, generator=rng, dtype=torch.float64).to(DEVICE) for k in DIFFERENTIABLE}
 
 
 def weighted_sum(stats, ups):
@@ -73,7 +75,7 @@ def test_values_and_grads_match_oracle(rng, backend, dtype, shape, options):
         assert_within_rule(name, a, g, b, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FP64_BACKENDS)
 @pytest.mark.parametrize("options", ["plain", "temp_bias_some_ignored", "softcap_some_ignored"])
 def test_gradcheck_fp64(rng, backend, options):
     c = make_case(rng, "ragged", options, torch.float64)
@@ -149,3 +151,30 @@ def test_unused_outputs_give_zero_gradient(rng):
     s = hk.token_stats(c.hidden, c.weight, c.targets)
     (s.confidence.sum() * 0 + s.lse.sum() * 0).backward()
     assert torch.count_nonzero(c.hidden.grad) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_gradient_sums_to_one_at_large_offsets(rng, backend):
+    """d lse / d bias = softmax, which sums to 1. At logits near -3000 an fp32 lse alone is off
+    by up to 1.2e-4 (half an ulp) and every p of the row with it; the backward must carry lse's
+    rounding remainder to keep the sum at 1 to fp32 accuracy. One row per call, so each row's
+    sum is checked on its own."""
+    w = torch.randn(97, 8, generator=rng).to(DEVICE)
+    for _ in range(8):
+        h = torch.randn(1, 8, generator=rng).to(DEVICE)
+        b = (torch.randn(97, generator=rng) - 3000.0).to(DEVICE).requires_grad_()
+        hk.token_stats(h, w, bias=b, backend=backend).lse.sum().backward()
+        assert abs(b.grad.double().sum().item() - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_argmax_takes_the_first_of_tied_maxima(rng, backend):
+    """Like torch.argmax: with exactly tied maxima the lowest index wins, whether the tie is
+    between vocabulary tiles of one split (17, 100) or across splits (40, 299 with the triton
+    test blocks). Integer-valued inputs make the tie exact whatever order a GEMM sums in."""
+    h = torch.randint(1, 4, (5, 16), generator=rng).float() * (torch.randint(0, 2, (5, 16), generator=rng) * 2 - 1)
+    w = torch.randint(-1, 2, (300, 16), generator=rng).float()
+    w[100] = w[17] = h[0] * 3  # logit 3·|h_0|² > any ±1-row's logit: the maximum of row 0, twice
+    w[299] = w[40] = h[1] * 3
+    s = hk.token_stats(h.to(DEVICE), w.to(DEVICE), backend=backend)
+    assert s.argmax[0] == 17 and s.argmax[1] == 40

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import hykernels as hk
+from conftest import BACKENDS
 from hykernels.backends import torch_chunked
 
 
@@ -82,9 +83,15 @@ def test_bad_loss_terms_name_the_argument(message, terms):
 
 def test_unavailable_backend_says_why():
     h, w, y = inputs()
-    for name in ("triton", "cuda"):
+    for name in ("cuda",):
         with pytest.raises(hk.BackendUnavailableError, match=f"backend '{name}' is unavailable on cpu: "):
             hk.token_stats(h, w, y, backend=name)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable here")
+def test_triton_refuses_fp64_by_name():
+    with pytest.raises(TypeError, match="^hidden: backend 'triton' takes float16, bfloat16, float32 inputs, got float64"):
+        hk.token_stats(*inputs(dtype=torch.float64)[:2], backend="triton")
 
 
 def test_auto_dispatch_on_cpu_is_chunked(monkeypatch):
@@ -141,3 +148,11 @@ def test_default_chunk_bounds_the_tile():
         rows = torch_chunked.chunk_rows(10**6, v, LogitOptions())
         assert rows * v * 4 <= max(torch_chunked.TILE_BYTES, 16 * v * 4)
     assert torch_chunked.chunk_rows(7, 32768, LogitOptions()) == 7
+
+
+def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
+    from hykernels import backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = backends.availability("triton", torch.device("cpu"))
+    assert reason is not None and "CUDA device" in reason and "TRITON_INTERPRET=1" in reason

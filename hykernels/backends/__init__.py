@@ -2,6 +2,7 @@
 
 Every backend module offers the same small interface:
     NAME
+    DTYPES                                          input dtypes it computes exactly enough
     availability(device) -> None | str            (None: usable; str: why not)
     token_stats(hidden, weight, bias, targets, opts) -> (TokenStats, lse_lo)
     token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs, needs) -> (dH, dW, db)
@@ -22,9 +23,11 @@ import torch
 _MODULES = {
     "reference": "hykernels.backends.reference",
     "torch_chunked": "hykernels.backends.torch_chunked",
+    "triton": "hykernels.backends.triton",
 }
 # Names the design reserves for backends that are not part of this build yet.
-_PLANNED = ("triton", "cuda")
+_PLANNED = ("cuda",)
+NAMES = tuple(_MODULES) + _PLANNED
 BACKENDS = tuple(_MODULES) + ("auto",)
 
 
@@ -47,12 +50,12 @@ def availability(name: str, device: torch.device) -> str | None:
     return module.availability(device)
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
-    """The backend module for ``name`` ("auto" picks the fastest usable one)."""
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """The backend module for ``name`` ("auto" picks the fastest usable one for the inputs)."""
     if name == "auto":
         order = ("cuda", "triton", "torch_chunked") if device.type == "cuda" else ("torch_chunked",)
         for candidate in order:
-            if candidate in _MODULES and availability(candidate, device) is None:
+            if candidate in _MODULES and availability(candidate, device) is None and dtype in _load(candidate).DTYPES:
                 return _load(candidate)
         raise BackendUnavailableError(f"no backend can run on device {device}")  # unreachable today
     if name not in _MODULES and name not in _PLANNED:
@@ -60,4 +63,8 @@ def resolve(name: str, device: torch.device) -> ModuleType:
     reason = availability(name, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} is unavailable on {device}: {reason}")
-    return _load(name)
+    module = _load(name)
+    if dtype not in module.DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in module.DTYPES)
+        raise TypeError(f"hidden: backend {name!r} takes {names} inputs, got {str(dtype).replace('torch.', '')}")
+    return module

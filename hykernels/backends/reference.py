@@ -12,6 +12,7 @@ from .._grad import loss_coefficients
 from .._types import LogitOptions, LossTerms, RowCoefs, TokenStats
 from . import _dense
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NAME = "reference"
 
 

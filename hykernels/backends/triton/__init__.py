@@ -1,0 +1,189 @@
+"""Triton backend: fully fused, the [N, V] logits never reach global memory.
+
+Forward: ``stats_fwd`` streams the vocabulary per token block (split over a few programs per
+block for parallelism; partials merged here in O(N·splits)). Backward: ``logits_bwd``
+recomputes each logits tile and applies §2's four per-row scalars, accumulating dH and dW in
+fp32 with atomics (run-to-run bits may differ in the last place).
+
+fused_loss: statistics pass, the closed-form §5 coefficients (hykernels/_grad.py, O(N)), then
+the gradient pass, all inside the forward call. That is 2 + 2 + 4 = 8·N·D·V FLOPs: a row's
+gradient needs its full-vocabulary lse, which a tile only knows after the whole row has been
+streamed, so without keeping logits somewhere the tile must be recomputed. The 6·N·D·V design
+(a bounded logits workspace per token chunk) belongs to the cuda backend.
+
+Extra memory: O(N·splits) statistics, the fp32 dH/dW/db accumulators (the gradients
+themselves for fp32 inputs), nothing of size N×V.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..._grad import loss_coefficients
+from ..._types import LogitOptions, LossTerms, RowCoefs, TokenStats
+from .. import _dense
+
+NAME = "triton"
+# fp32 accumulation throughout: fp64 inputs would silently lose precision, so they are refused.
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def availability(device: torch.device) -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and _interpreting():
+        return None  # the Triton interpreter: for tests, ~1000× slower than a GPU
+    return f"triton kernels need a CUDA device (or TRITON_INTERPRET=1 set before import, for tests); got {device.type}"
+
+
+@dataclass(frozen=True)
+class Blocks:
+    m: int
+    n: int
+    k: int
+    splits: Optional[int] = None  # vocabulary splits of the forward; None = enough to fill the GPU
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+# Set to a Blocks to override the choice below (tests use small blocks for ragged tiles).
+OVERRIDE: Optional[Blocks] = None
+
+
+def gpu_blocks(dtype: torch.dtype) -> Blocks:
+    """GPU tile defaults. fp32 tiles are twice the bytes: at 128×128×64 the backward needs
+    208 KiB of shared memory, more than an A100 has (tests/compile_triton.py checks this)."""
+    if dtype == torch.float32:
+        return Blocks(m=64, n=128, k=32, num_stages=2)
+    return Blocks(m=128, n=128, k=64)
+
+
+def choose_blocks(n: int, vocab: int, dim: int, device: torch.device, dtype: torch.dtype) -> Blocks:
+    if OVERRIDE is not None:
+        return OVERRIDE
+    if device.type != "cuda":  # interpreter: big blocks, the per-op cost dominates
+        return Blocks(m=64, n=512, k=64)
+    return gpu_blocks(dtype)
+
+
+def _split_plan(n: int, vocab: int, blocks: Blocks, device: torch.device) -> tuple[int, int]:
+    """(tiles per split, splits) so that row blocks × splits fills the device, no split empty."""
+    tiles = math.ceil(vocab / blocks.n)
+    if blocks.splits is not None:
+        want = blocks.splits
+    elif device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = max(1, math.ceil(2 * sms / math.ceil(n / blocks.m)))
+    else:
+        want = 1
+    per = math.ceil(tiles / min(want, tiles))
+    return per, math.ceil(tiles / per)
+
+
+def _common(hidden, weight, bias, opts: LogitOptions):
+    from . import _kernels  # noqa: F401  (imported lazily: TRITON_INTERPRET is read at decoration)
+
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    fp32 = hidden.dtype == torch.float32
+    return dict(
+        args=dict(D=hidden.shape[1], stride_h=hidden.stride(0), stride_w=weight.stride(0),
+                  inv_temp=1.0 / opts.temperature, softcap=opts.softcap or 1.0),
+        meta=dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
+                  UPCAST=_interpreting(), IEEE=fp32),
+        hidden=hidden, weight=weight,
+    )
+
+
+def _launch_opts(blocks: Blocks, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
+def token_stats(hidden, weight, bias, targets, opts: LogitOptions) -> tuple[TokenStats, torch.Tensor]:
+    from ._kernels import stats_fwd
+
+    n, vocab = hidden.shape[0], weight.shape[0]
+    c = _common(hidden, weight, bias, opts)
+    blocks = choose_blocks(n, vocab, hidden.shape[1], hidden.device, hidden.dtype)
+    per, splits = _split_plan(n, vocab, blocks, hidden.device)
+    valid, safe = _dense.target_mask(targets, vocab, opts.ignore_index)
+    y = torch.where(valid, targets, torch.full_like(targets, -1))  # -1 never matches a column
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    m, s, t, u, zy = (torch.empty(splits, n, **f32) for _ in range(5))
+    am = torch.empty(splits, n, dtype=torch.int32, device=hidden.device)
+    grid = (math.ceil(n / blocks.m), splits)
+    stats_fwd[grid](c["hidden"], c["weight"], bias, y, m, s, t, u, zy, am, n, vocab, tiles_per_split=per,
+                    BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, **c["args"], **c["meta"],
+                    **_launch_opts(blocks, hidden.device))
+    return _merge_splits(m, s, t, u, zy, am, valid, vocab, per * blocks.n, _dense.stat_dtype(hidden.dtype))
+
+
+def _merge_splits(m, s, t, u, zy, am, valid, vocab, split_width, dtype):
+    """Combine per-split online-softmax partials [splits, N] into the §2 statistics."""
+    splits = m.shape[0]
+    counts = torch.tensor([min(vocab, (j + 1) * split_width) - j * split_width for j in range(splits)],
+                          dtype=torch.float32, device=m.device)[:, None]
+    mx, best = m.max(0)
+    shift = m - mx  # ≤ 0
+    w = torch.exp(shift)
+    s_all = (w * s).sum(0)
+    t_all = (w * (t + shift * s)).sum(0)
+    u_all = (u + counts * shift).sum(0)
+    lse_s = torch.log(s_all)
+    lse = mx + lse_s
+    lse_lo = lse_s - (lse - mx)  # Fast2Sum remainder, as _dense.row_stats
+    entropy = lse_s - t_all / s_all
+    self_certainty = lse_s - u_all / vocab - math.log(vocab)
+    confidence = torch.exp(-lse_s)
+    argmax = am.gather(0, best[None]).squeeze(0).long()
+    logp = torch.where(valid, (zy.sum(0) - mx) - lse_s, torch.zeros_like(lse))
+    stats = TokenStats(logp, entropy, self_certainty, confidence, argmax, lse)
+    return TokenStats(*(x.to(dtype) if x.is_floating_point() else x for x in stats)), lse_lo.to(dtype)
+
+
+def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs: RowCoefs, needs):
+    from ._kernels import logits_bwd
+
+    n, vocab, dim = hidden.shape[0], weight.shape[0], hidden.shape[1]
+    c = _common(hidden, weight, bias, opts)
+    blocks = choose_blocks(n, vocab, dim, hidden.device, hidden.dtype)
+    valid, _ = _dense.target_mask(targets, vocab, opts.ignore_index)
+    y = torch.where(valid, targets, torch.full_like(targets, -1))
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    need_dh, need_dw, need_db = needs[0], needs[1], bias is not None and needs[2]
+    # fp32 accumulators (one element stands in for an unneeded one: never written)
+    dh = torch.zeros(n, dim, **f32) if need_dh else torch.empty(1, **f32)
+    dw = torch.zeros(vocab, dim, **f32) if need_dw else torch.empty(1, **f32)
+    db = torch.zeros(vocab, **f32) if need_db else torch.empty(1, **f32)
+    A, B, C, D = (x.to(torch.float32).contiguous() for x in coefs)
+    grid = (math.ceil(n / blocks.m), math.ceil(vocab / blocks.n))
+    logits_bwd[grid](c["hidden"], c["weight"], bias, y, lse.float(), lse_lo.float(), A, B, C, D, dh, dw, db,
+                     n, vocab, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
+                     BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, **c["args"], **c["meta"],
+                     **_launch_opts(blocks, hidden.device))
+    return (dh.to(hidden.dtype) if need_dh else None,
+            dw.to(weight.dtype) if need_dw else None,
+            db.to(bias.dtype) if need_db else None)
+
+
+def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
+    stats, lse_lo = token_stats(hidden, weight, bias, targets, opts)
+    valid, _ = _dense.target_mask(targets, weight.shape[0], opts.ignore_index)
+    loss, coefs = loss_coefficients(stats.logp, stats.entropy, valid, terms)
+    grads = (None, None, None)
+    if any(needs):
+        grads = token_stats_backward(hidden, weight, bias, targets, opts, stats.lse, lse_lo, coefs, needs)
+    return loss.sum(), stats, *grads

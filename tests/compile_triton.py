@@ -1,0 +1,62 @@
+"""Compile every Triton kernel ahead of time for sm_80 and sm_90 (no GPU needed).
+
+Run as a script without TRITON_INTERPRET (interpreted functions cannot be compiled); the test
+test_triton_kernels_compile runs it in a subprocess. Fails if a kernel does not build or needs
+more shared memory than the architecture has.
+"""
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import torch  # noqa: E402
+
+from hykernels.backends.triton import _kernels, gpu_blocks  # noqa: E402
+
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory a block may use
+
+
+def signatures(dtype: str):
+    t = "*" + dtype
+    scalars = dict(N="i32", V="i32", D="i32", stride_h="i32", stride_w="i32", inv_temp="fp32", softcap="fp32")
+    fwd = dict(H=t, W=t, B=t, Y="*i64", M_out="*fp32", S_out="*fp32", T_out="*fp32", U_out="*fp32",
+               ZY_out="*fp32", AM_out="*i32", **scalars, tiles_per_split="i32")
+    bwd = dict(H=t, W=t, B=t, Y="*i64", LSE="*fp32", LSE_LO="*fp32", CA="*fp32", CB="*fp32", CC="*fp32",
+               CD="*fp32", DH="*fp32", DW="*fp32", DB="*fp32", **scalars)
+    return fwd, bwd
+
+
+def main() -> int:
+    failures = 0
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        blocks = gpu_blocks(torch_dtype)  # the tiles the backend launches with on a GPU
+        fwd, bwd = signatures(dtype)
+        common = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k,
+                      UPCAST=False, IEEE=dtype == "fp32")
+        jobs = [("stats_fwd", _kernels.stats_fwd, fwd, common),
+                ("logits_bwd", _kernels.logits_bwd, bwd, dict(common, NEED_DH=True, NEED_DW=True, NEED_DB=True))]
+        for name, fn, sig, consts in jobs:
+            for cap in (80, 90):
+                try:
+                    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                              target=GPUTarget("cuda", cap, 32),
+                                              options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages))
+                except Exception as exc:  # report every failure, not just the first
+                    print(f"FAIL {name} {dtype} sm_{cap}: {type(exc).__name__}: {exc}")
+                    failures += 1
+                    continue
+                shared = compiled.metadata.shared
+                ok = shared <= SHARED_LIMIT[cap]
+                failures += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {name} {dtype} sm_{cap}: shared {shared} B, "
+                      f"{len(compiled.asm['cubin'])} B cubin")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
