@@ -111,6 +111,13 @@ def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, igno
     return hidden2d, targets1d, bias, lead, opts
 
 
+def target_mask(targets: torch.Tensor, vocab_size: int, ignore_index: int):
+    """(rows with a target, targets safe to index with). Out-of-range ids, possible only with
+    value checks off, are masked like ignore_index so no kernel reads out of bounds."""
+    valid = (targets != ignore_index) & (targets >= 0) & (targets < vocab_size)
+    return valid, torch.where(valid, targets, torch.zeros_like(targets))
+
+
 def _nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
     # A sum is O(1) extra memory and is non-finite if any element is; a finite sum that
     # overflows is caught by the exact test in _raise_nonfinite before raising.

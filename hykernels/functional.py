@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from . import backends
-from ._checks import check_logit_inputs, check_loss_terms
+from ._checks import check_logit_inputs, check_loss_terms, target_mask
 from ._grad import stats_coefficients
 from ._types import LogitOptions, LossTerms, TokenStats
 
@@ -32,7 +32,7 @@ class _TokenStatsFn(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         if not any(needs) or all(g is None for g in (g_logp, g_entropy, g_sc, g_lse)):
             return None, None, None, None, None, None
-        valid = (targets != ctx.opts.ignore_index) & (targets >= 0) & (targets < weight.shape[0])
+        valid, _ = target_mask(targets, weight.shape[0], ctx.opts.ignore_index)
         coefs = stats_coefficients(g_logp, g_lse, g_entropy, g_sc, entropy, valid, weight.shape[0])
         dh, dw, db = ctx.backend.token_stats_backward(hidden, weight, bias, targets, ctx.opts, lse, lse_lo,
                                                       coefs, needs)
@@ -41,8 +41,10 @@ class _TokenStatsFn(torch.autograd.Function):
 
 class _FusedLossFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: LogitOptions, terms: LossTerms, backend):
-        needs = tuple(ctx.needs_input_grad[:3])
+    def forward(ctx, hidden, weight, bias, targets, opts: LogitOptions, terms: LossTerms, backend, grad_enabled):
+        # needs_input_grad ignores torch.no_grad(); under it (e.g. scoring old_logp) forming
+        # gradients would triple the work for nothing.
+        needs = tuple(n and grad_enabled for n in ctx.needs_input_grad[:3])
         loss, stats, dh, dw, db = backend.fused_loss(hidden, weight, bias, targets, opts, terms, needs)
         ctx.save_for_backward(dh, dw, db)
         ctx.mark_non_differentiable(*stats)
@@ -53,7 +55,7 @@ class _FusedLossFn(torch.autograd.Function):
     def backward(ctx, g_loss, *_unused_stats_grads):
         # Gradients were formed in forward; the chain rule only scales them.
         scaled = [None if g is None else g * g_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return (*scaled, None, None, None, None)
+        return (*scaled, None, None, None, None, None)
 
 
 def token_stats(
@@ -123,5 +125,5 @@ def fused_loss(
                              advantages=advantages, old_logp=old_logp, ref_logp=ref_logp,
                              kl_weight=kl_weight, entropy_weight=entropy_weight, clip_eps=clip_eps)
     impl = backends.resolve(backend, h.device, h.dtype)
-    loss, *stats = _FusedLossFn.apply(h, weight, bias, y, opts, terms, impl)
+    loss, *stats = _FusedLossFn.apply(h, weight, bias, y, opts, terms, impl, torch.is_grad_enabled())
     return loss, TokenStats(*stats).reshape(lead)

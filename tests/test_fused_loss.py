@@ -118,6 +118,21 @@ def test_only_requested_gradients_are_formed(rng, monkeypatch):
     assert c.weight.grad is not None and c.hidden.grad is None
 
 
+def test_no_gradients_formed_under_no_grad(rng, monkeypatch):
+    """Scoring under torch.no_grad() (e.g. old_logp of a rollout) costs a forward only, even
+    though the lm_head weight requires grad."""
+    from hykernels.backends import torch_chunked
+
+    seen = []
+    real = torch_chunked.fused_loss
+    monkeypatch.setattr(torch_chunked, "fused_loss", lambda *a: seen.append(a[-1]) or real(*a))
+    c = make_case(rng, "ragged", "plain", torch.float32)
+    with torch.no_grad():
+        hk.fused_loss(c.hidden, c.weight, c.targets, rd_weight=1.0, backend="torch_chunked")
+    hk.fused_loss(c.hidden, c.weight, c.targets, rd_weight=1.0, backend="torch_chunked")
+    assert seen == [(False, False, False), (True, True, False)]
+
+
 def test_scalar_weights_broadcast_and_mean_ce(rng):
     """rd_weight = 1/T reproduces torch's mean cross-entropy."""
     c = make_case(rng, "ragged", "temp_bias_some_ignored", torch.float32, requires_grad=False)

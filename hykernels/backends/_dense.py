@@ -19,13 +19,6 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def target_mask(targets: torch.Tensor, vocab_size: int, ignore_index: int):
-    """(valid rows, targets safe to gather). Out-of-range targets (possible only with
-    value checks off) are masked like ignore_index, so nothing is read out of bounds."""
-    valid = (targets != ignore_index) & (targets >= 0) & (targets < vocab_size)
-    return valid, torch.where(valid, targets, torch.zeros_like(targets))
-
-
 def logits(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from .._checks import target_mask
 from .._grad import loss_coefficients
 from .._types import LogitOptions, LossTerms, RowCoefs, TokenStats
 from . import _dense
@@ -28,7 +29,7 @@ def _upcast(hidden, weight, bias):
 
 def token_stats(hidden, weight, bias, targets, opts: LogitOptions) -> tuple[TokenStats, torch.Tensor]:
     h, w, b, dt = _upcast(hidden, weight, bias)
-    valid, safe = _dense.target_mask(targets, weight.shape[0], opts.ignore_index)
+    valid, safe = target_mask(targets, weight.shape[0], opts.ignore_index)
     return _dense.row_stats(_dense.logits(h, w, b, opts, dt), safe, valid)
 
 
@@ -42,14 +43,14 @@ def _apply_grad(g, hidden, weight, bias, h, w, needs):
 
 def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs: RowCoefs, needs):
     h, w, b, dt = _upcast(hidden, weight, bias)
-    _, safe = _dense.target_mask(targets, weight.shape[0], opts.ignore_index)
+    _, safe = target_mask(targets, weight.shape[0], opts.ignore_index)
     g = _dense.logits_grad(_dense.logits(h, w, b, opts, dt), lse, lse_lo, coefs, safe, opts)
     return _apply_grad(g, hidden, weight, bias, h, w, needs)
 
 
 def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
     h, w, b, dt = _upcast(hidden, weight, bias)
-    valid, safe = _dense.target_mask(targets, weight.shape[0], opts.ignore_index)
+    valid, safe = target_mask(targets, weight.shape[0], opts.ignore_index)
     z = _dense.logits(h, w, b, opts, dt)
     stats, lse_lo = _dense.row_stats(z, safe, valid)
     loss, coefs = loss_coefficients(stats.logp, stats.entropy, valid, terms)

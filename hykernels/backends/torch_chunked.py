@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .._checks import target_mask
 from .._grad import loss_coefficients
 from .._types import LogitOptions, LossTerms, RowCoefs, TokenStats
 from . import _dense
@@ -75,7 +76,7 @@ def _concat(parts):
 
 def token_stats(hidden, weight, bias, targets, opts: LogitOptions) -> tuple[TokenStats, torch.Tensor]:
     dt = _dense.stat_dtype(hidden.dtype)
-    valid, safe = _dense.target_mask(targets, weight.shape[0], opts.ignore_index)
+    valid, safe = target_mask(targets, weight.shape[0], opts.ignore_index)
     return _concat([
         _dense.row_stats(_dense.logits(hidden[sl], weight, bias, opts, dt), safe[sl], valid[sl])
         for sl in _chunks(hidden, weight, opts)
@@ -84,7 +85,7 @@ def token_stats(hidden, weight, bias, targets, opts: LogitOptions) -> tuple[Toke
 
 def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs: RowCoefs, needs):
     dt = _dense.stat_dtype(hidden.dtype)
-    _, safe = _dense.target_mask(targets, weight.shape[0], opts.ignore_index)
+    _, safe = target_mask(targets, weight.shape[0], opts.ignore_index)
     acc = _GradAccumulator(hidden, weight, bias, needs)
     for sl in _chunks(hidden, weight, opts):
         z = _dense.logits(hidden[sl], weight, bias, opts, dt)
@@ -94,7 +95,7 @@ def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs
 
 def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
     dt = _dense.stat_dtype(hidden.dtype)
-    valid, safe = _dense.target_mask(targets, weight.shape[0], opts.ignore_index)
+    valid, safe = target_mask(targets, weight.shape[0], opts.ignore_index)
     acc = _GradAccumulator(hidden, weight, bias, needs)
     loss = torch.zeros((), dtype=dt, device=hidden.device)
     parts = []

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from ..._checks import target_mask
 from ..._grad import loss_coefficients
 from ..._types import LogitOptions, LossTerms, RowCoefs, TokenStats
 from .. import _dense
@@ -119,7 +120,7 @@ def token_stats(hidden, weight, bias, targets, opts: LogitOptions) -> tuple[Toke
     c = _common(hidden, weight, bias, opts)
     blocks = choose_blocks(n, vocab, hidden.shape[1], hidden.device, hidden.dtype)
     per, splits = _split_plan(n, vocab, blocks, hidden.device)
-    valid, safe = _dense.target_mask(targets, vocab, opts.ignore_index)
+    valid, safe = target_mask(targets, vocab, opts.ignore_index)
     y = torch.where(valid, targets, torch.full_like(targets, -1))  # -1 never matches a column
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m, s, t, u, zy = (torch.empty(splits, n, **f32) for _ in range(5))
@@ -160,7 +161,7 @@ def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs
     n, vocab, dim = hidden.shape[0], weight.shape[0], hidden.shape[1]
     c = _common(hidden, weight, bias, opts)
     blocks = choose_blocks(n, vocab, dim, hidden.device, hidden.dtype)
-    valid, _ = _dense.target_mask(targets, vocab, opts.ignore_index)
+    valid, _ = target_mask(targets, vocab, opts.ignore_index)
     y = torch.where(valid, targets, torch.full_like(targets, -1))
     f32 = dict(dtype=torch.float32, device=hidden.device)
     need_dh, need_dw, need_db = needs[0], needs[1], bias is not None and needs[2]
@@ -181,7 +182,7 @@ def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs
 
 def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
     stats, lse_lo = token_stats(hidden, weight, bias, targets, opts)
-    valid, _ = _dense.target_mask(targets, weight.shape[0], opts.ignore_index)
+    valid, _ = target_mask(targets, weight.shape[0], opts.ignore_index)
     loss, coefs = loss_coefficients(stats.logp, stats.entropy, valid, terms)
     grads = (None, None, None)
     if any(needs):
