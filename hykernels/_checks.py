@@ -1,20 +1,22 @@
 """Input validation for every public entry point: one place, clear errors naming the argument.
 
-Shape, dtype and device checks are always on. Value checks (target range, finiteness) cost a
+Shape, dtype and device checks are always on, and so are PRG's probe offsets (a bad one would
+index out of bounds). Value checks (target and span id range, empty spans, finiteness) cost a
 device→host sync on a GPU; they are on by default and can be switched off for production loops
 with ``HYKERNELS_CHECKS=0`` or ``hykernels.set_checks(False)``. With them off the kernels still
-never read out of bounds: out-of-range targets are treated as ignored, NaN propagates.
+never read out of bounds: out-of-range targets are treated as ignored, out-of-range span ids
+count towards no span, NaN propagates.
 """
 from __future__ import annotations
 
 import math
 import os
-from numbers import Real
+from numbers import Integral, Real
 from typing import Optional, Sequence
 
 import torch
 
-from ._types import LogitOptions, LossTerms
+from ._types import PRG_VARIANTS, LogitOptions, LossTerms
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
@@ -23,7 +25,8 @@ _value_checks = os.environ.get("HYKERNELS_CHECKS", "1").strip().lower() not in (
 
 
 def set_checks(enabled: bool) -> None:
-    """Turn the value checks (target range, non-finite inputs) on or off process-wide."""
+    """Turn the value checks (target and span id range, empty spans, non-finite inputs) on or off
+    process-wide."""
     global _value_checks
     _value_checks = bool(enabled)
 
@@ -43,9 +46,14 @@ def _float_dtype(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
 
 
-def _same_device(name: str, x: torch.Tensor, device: torch.device) -> None:
+def _int_dtype(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name}: expected an integer dtype (int64 or int32), got {x.dtype}")
+
+
+def _same_device(name: str, x: torch.Tensor, device: torch.device, of: str = "hidden") -> None:
     if x.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (the device of hidden), got {x.device}")
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of {of}), got {x.device}")
 
 
 def _positive(name: str, value, allow_none: bool = False) -> Optional[float]:
@@ -91,8 +99,7 @@ def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, igno
     if targets is None:
         targets = torch.full(lead, ignore_index, dtype=torch.int64, device=device)
     targets = _tensor("targets", targets)
-    if targets.dtype not in INDEX_DTYPES:
-        raise TypeError(f"targets: expected an integer dtype (int64 or int32), got {targets.dtype}")
+    _int_dtype("targets", targets)
     if tuple(targets.shape) != lead:
         raise ValueError(f"targets: expected shape {list(lead)} (hidden's leading dims), got {list(targets.shape)}")
     _same_device("targets", targets, device)
@@ -188,3 +195,76 @@ def check_loss_terms(lead, device, dtype, *, rd_weight, rlif_weight, advantages,
             if bad:
                 raise ValueError(f"{k}: contains non-finite values (NaN or Inf)")
     return LossTerms(**t, clip_low=float(clip_eps[0]), clip_high=float(clip_eps[1]))
+
+
+def check_spans(span_ids, num_spans, reduce, lead, device):
+    """Validate answer_span_logprobs' span arguments. Returns (span ids [N] safe to index with,
+    rows whose id is in range). Out-of-range ids, possible only with value checks off, count
+    towards no span, as out-of-range targets count as ignored."""
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce: expected 'mean' or 'sum', got {reduce!r}")
+    if isinstance(num_spans, bool) or not isinstance(num_spans, Integral) or num_spans < 1:
+        raise ValueError(f"num_spans: expected a positive int, got {num_spans!r}")
+    span_ids = _tensor("span_ids", span_ids)
+    _int_dtype("span_ids", span_ids)
+    if tuple(span_ids.shape) != lead:
+        raise ValueError(f"span_ids: expected shape {list(lead)} (one span id per row, like targets), "
+                         f"got {list(span_ids.shape)}")
+    _same_device("span_ids", span_ids, device)
+    ids = span_ids.reshape(-1).long()
+    in_range = (ids >= 0) & (ids < num_spans)
+    if _value_checks and not bool(in_range.all()):
+        row = int((~in_range).nonzero()[0, 0])
+        raise ValueError(f"span_ids: expected ids in [0, {num_spans}) (num_spans), got {int(ids[row])} at row {row}")
+    return torch.where(in_range, ids, torch.zeros_like(ids)), in_range
+
+
+def check_span_counts(counts: torch.Tensor) -> None:
+    """reduce="mean" divides by each span's number of target tokens; with value checks off an
+    empty span's mean is 0/0 = NaN."""
+    if _value_checks and not bool(counts.all()):
+        span = int((counts == 0).nonzero()[0, 0])
+        raise ValueError(f"span_ids: span {span} has no row with a target; reduce='mean' needs at least one "
+                         f"(or use reduce='sum')")
+
+
+def check_prg_inputs(support, probe_offsets, variant, eps, tau_g):
+    """Validate prg_gains' inputs. Returns (support [S], probe_offsets [T + 1] int64, eps, tau_g).
+
+    The offsets' structure is checked even with value checks off: it costs one O(T) sync per
+    batch, and a bad offset would make a kernel index out of bounds."""
+    support = _tensor("support", support)
+    _float_dtype("support", support)
+    if support.dim() != 1:
+        raise ValueError(f"support: expected a 1-D tensor [S] (the probes' support, trace by trace), "
+                         f"got shape {tuple(support.shape)}")
+    offsets = _tensor("probe_offsets", probe_offsets)
+    _int_dtype("probe_offsets", offsets)
+    if offsets.dim() != 1 or offsets.numel() < 2:
+        raise ValueError(f"probe_offsets: expected a 1-D tensor [T + 1] with T >= 1 traces, "
+                         f"got shape {tuple(offsets.shape)}")
+    _same_device("probe_offsets", offsets, support.device, of="support")
+    if variant not in PRG_VARIANTS:
+        raise ValueError(f"variant: expected one of {PRG_VARIANTS}, got {variant!r}")
+    eps, tau_g = _positive("eps", eps), _positive("tau_g", tau_g)
+    offsets = offsets.long()
+    _check_offsets(offsets, support)
+    return support, offsets, eps, tau_g
+
+
+def _check_offsets(offsets: torch.Tensor, support: torch.Tensor) -> None:
+    steps = offsets.diff()
+    checks = [offsets[0] != 0, (steps <= 0).any(), offsets[-1] != support.numel()]
+    if _value_checks:
+        checks.append(_nonfinite_flag(support))
+    first, flat, last, *nonfinite = torch.stack(checks).tolist()  # one sync
+    if first:
+        raise ValueError(f"probe_offsets: expected offsets[0] == 0, got {int(offsets[0])}")
+    if flat:
+        t = int((steps <= 0).nonzero()[0, 0])
+        raise ValueError(f"probe_offsets: expected strictly increasing offsets (every trace has at least its "
+                         f"probe c_0), got offsets[{t}] = {int(offsets[t])}, offsets[{t + 1}] = {int(offsets[t + 1])}")
+    if last:
+        raise ValueError(f"probe_offsets: expected offsets[-1] == len(support) = {support.numel()}, "
+                         f"got {int(offsets[-1])}")
+    _raise_nonfinite([("support", support)], nonfinite)

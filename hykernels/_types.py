@@ -29,6 +29,23 @@ class TokenStats(NamedTuple):
         return TokenStats(*(t.reshape(shape) for t in self))
 
 
+# PRG variants of hytuning.md §3, in the order the Triton kernel numbers them.
+PRG_VARIANTS = ("progressive", "monotone", "net", "mean_gain", "min_gain")
+
+
+class PRGResult(NamedTuple):
+    """Per-trace PRG (hytuning.md §3) of a packed batch of traces, all detached.
+
+    ``gains`` [S − T] are Δ_k = c_k − c_{k−1}, trace by trace; trace t's are
+    ``gains[gain_offsets[t]:gain_offsets[t + 1]]`` (gain_offsets [T + 1] int64).
+    ``scores`` [T] is the chosen variant's value per trace.
+    """
+
+    gains: torch.Tensor
+    gain_offsets: torch.Tensor
+    scores: torch.Tensor
+
+
 @dataclass(frozen=True)
 class LogitOptions:
     """How logits are formed from hidden states: z = s((H·Wᵀ + b) / temperature)."""

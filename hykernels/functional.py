@@ -2,6 +2,8 @@
 
 token_stats recomputes logits tiles in its backward (the §2 formula through _grad);
 fused_loss forms its gradients in the forward pass and its backward only scales them.
+answer_span_logprobs is token_stats' logp summed per span (§3 support); prg_gains turns the
+supports into PRG scores (§3), detached.
 """
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from typing import Optional
 import torch
 
 from . import backends
-from ._checks import check_logit_inputs, check_loss_terms, target_mask
+from ._checks import (check_logit_inputs, check_loss_terms, check_prg_inputs, check_span_counts, check_spans,
+                      target_mask)
 from ._grad import stats_coefficients
-from ._types import LogitOptions, LossTerms, TokenStats
+from ._types import LogitOptions, LossTerms, PRGResult, TokenStats
 
 
 class _TokenStatsFn(torch.autograd.Function):
@@ -56,6 +59,19 @@ class _FusedLossFn(torch.autograd.Function):
         # Gradients were formed in forward; the chain rule only scales them.
         scaled = [None if g is None else g * g_loss.to(g.dtype) for g in ctx.saved_tensors]
         return (*scaled, None, None, None, None, None)
+
+
+class _SegmentSumFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, segment_ids, num_segments: int, backend):
+        ctx.save_for_backward(segment_ids)
+        return backend.segment_sum(values, segment_ids, num_segments)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out):
+        (segment_ids,) = ctx.saved_tensors
+        return g_out[segment_ids], None, None, None  # each row gets its segment's gradient
 
 
 def token_stats(
@@ -127,3 +143,67 @@ def fused_loss(
     impl = backends.resolve(backend, h.device, h.dtype)
     loss, *stats = _FusedLossFn.apply(h, weight, bias, y, opts, terms, impl, torch.is_grad_enabled())
     return loss, TokenStats(*stats).reshape(lead)
+
+
+def answer_span_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    span_ids: torch.Tensor,
+    num_spans: int,
+    *,
+    reduce: str = "mean",
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Answer log-probability per span: the support c of hytuning.md §3.
+
+    hidden [R, D] holds the answer rows only (the lm_head runs on nothing else), targets [R] their
+    next-token ids, span_ids [R] the span (e.g. probe) each row belongs to, in [0, num_spans).
+    Returns [num_spans] fp32 (fp64 for fp64 inputs): reduce="sum" gives Σ logp over the span's
+    rows, "mean" divides by the number of its rows with a target (each span needs one; with value
+    checks off an empty span's mean is NaN). Rows without a target add nothing. Differentiable
+    w.r.t. hidden, weight and bias; the backward gathers each span's gradient to its rows.
+    """
+    h, y, bias, lead, opts = check_logit_inputs(hidden, weight, targets, bias, temperature, softcap,
+                                                ignore_index, chunk_size)
+    ids, in_range = check_spans(span_ids, num_spans, reduce, lead, h.device)
+    impl = backends.resolve(backend, h.device, h.dtype)
+    if reduce == "mean":  # counted before the lm_head runs, so an empty span fails fast
+        valid, _ = target_mask(y, weight.shape[0], opts.ignore_index)
+        counts = impl.segment_sum((valid & in_range).float(), ids, num_spans)
+        check_span_counts(counts)
+    logp = _TokenStatsFn.apply(h, weight, bias, y, opts, impl)[0]
+    span_sum = _SegmentSumFn.apply(torch.where(in_range, logp, 0.0), ids, num_spans, impl)
+    return span_sum / counts if reduce == "mean" else span_sum
+
+
+def prg_gains(
+    support: torch.Tensor,
+    probe_offsets: torch.Tensor,
+    *,
+    variant: str = "progressive",
+    eps: float = 1e-6,
+    tau_g: float = 1.0,
+    backend: str = "auto",
+) -> PRGResult:
+    """Progressive Reasoning Gain per trace (hytuning.md §3) from its probes' supports.
+
+    support [S] is c_0..c_K of every trace, trace by trace (e.g. answer_span_logprobs with one
+    span per probe); trace t's probes are support[probe_offsets[t]:probe_offsets[t + 1]]
+    (probe_offsets [T + 1], from 0 to S, each trace at least one probe). ``variant`` is one of
+    progressive (ρ·σ((c_K − c_0)/tau_g), ρ = Σmax(Δ,0)/(Σ|Δ| + eps)), monotone, net, mean_gain,
+    min_gain; a trace with K = 0 has ρ = monotone = 1/2 and net = mean_gain = min_gain = 0.
+
+    Returns PRGResult(gains [S − T], gain_offsets [T + 1], scores [T]), fp32 (fp64 for fp64
+    support). All outputs are detached: PRG is a weighting signal, not a loss to differentiate.
+    """
+    support, offsets, eps, tau_g = check_prg_inputs(support, probe_offsets, variant, eps, tau_g)
+    impl = backends.resolve(backend, support.device, support.dtype, arg="support")
+    gains, scores = impl.prg_scores(support.detach(), offsets, variant, eps, tau_g)
+    gain_offsets = offsets - torch.arange(offsets.numel(), device=offsets.device)
+    return PRGResult(gains, gain_offsets, scores)

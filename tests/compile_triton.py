@@ -16,7 +16,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import torch  # noqa: E402
 
-from hykernels.backends.triton import _kernels, gpu_blocks  # noqa: E402
+from hykernels._types import PRG_VARIANTS  # noqa: E402
+from hykernels.backends.triton import (PRG_BLOCK, PRG_LAUNCH, SEGMENT_BLOCK, _kernels,  # noqa: E402
+                                      _segment_kernels, gpu_blocks)
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory a block may use
 
@@ -31,30 +33,44 @@ def signatures(dtype: str):
     return fwd, bwd
 
 
-def main() -> int:
-    failures = 0
+def logits_jobs():
+    """(name, kernel, signature, constexprs, launch options) of the two lm_head kernels per dtype."""
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         blocks = gpu_blocks(torch_dtype)  # the tiles the backend launches with on a GPU
         fwd, bwd = signatures(dtype)
         common = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k,
                       UPCAST=False, IEEE=dtype == "fp32")
-        jobs = [("stats_fwd", _kernels.stats_fwd, fwd, common),
-                ("logits_bwd", _kernels.logits_bwd, bwd, dict(common, NEED_DH=True, NEED_DW=True, NEED_DB=True))]
-        for name, fn, sig, consts in jobs:
-            for cap in (80, 90):
-                try:
-                    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                              target=GPUTarget("cuda", cap, 32),
-                                              options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages))
-                except Exception as exc:  # report every failure, not just the first
-                    print(f"FAIL {name} {dtype} sm_{cap}: {type(exc).__name__}: {exc}")
-                    failures += 1
-                    continue
-                shared = compiled.metadata.shared
-                ok = shared <= SHARED_LIMIT[cap]
-                failures += not ok
-                print(f"{'ok  ' if ok else 'FAIL'} {name} {dtype} sm_{cap}: shared {shared} B, "
-                      f"{len(compiled.asm['cubin'])} B cubin")
+        launch = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+        yield f"stats_fwd {dtype}", _kernels.stats_fwd, fwd, common, launch
+        yield (f"logits_bwd {dtype}", _kernels.logits_bwd, bwd, dict(common, NEED_DH=True, NEED_DW=True, NEED_DB=True),
+               launch)
+
+
+def segment_jobs():
+    """The segment kernels with the blocks the backend launches, PRG once per variant."""
+    seg = dict(X="*fp32", IDS="*i64", OUT="*fp32", R="i32")
+    yield "segment_sum fp32", _segment_kernels.segment_sum_kernel, seg, dict(BLOCK=SEGMENT_BLOCK), {}
+    prg = dict(C="*fp32", OFF="*i64", GAINS="*fp32", SCORES="*fp32", eps="fp32", tau_g="fp32")
+    for i, variant in enumerate(PRG_VARIANTS):
+        yield f"prg {variant} fp32", _segment_kernels.prg_kernel, prg, dict(VARIANT=i, BLOCK=PRG_BLOCK), PRG_LAUNCH
+
+
+def main() -> int:
+    failures = 0
+    for name, fn, sig, consts, launch in (*logits_jobs(), *segment_jobs()):
+        for cap in (80, 90):
+            try:
+                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                          target=GPUTarget("cuda", cap, 32), options=launch)
+            except Exception as exc:  # report every failure, not just the first
+                print(f"FAIL {name} sm_{cap}: {type(exc).__name__}: {exc}")
+                failures += 1
+                continue
+            shared = compiled.metadata.shared
+            ok = shared <= SHARED_LIMIT[cap]
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {name} sm_{cap}: shared {shared} B, "
+                  f"{len(compiled.asm['cubin'])} B cubin")
     return 1 if failures else 0
 
 

@@ -7,9 +7,15 @@ Every backend module offers the same small interface:
     token_stats(hidden, weight, bias, targets, opts) -> (TokenStats, lse_lo)
     token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs, needs) -> (dH, dW, db)
     fused_loss(hidden, weight, bias, targets, opts, terms, needs) -> (loss, TokenStats, dH, dW, db)
+    segment_sum(values [R], segment_ids [R] int64, num_segments) -> [num_segments]
+    prg_scores(support [S], probe_offsets [T+1] int64, variant, eps, tau_g) -> (gains [S-T], scores [T])
 ``needs`` is (hidden, weight, bias) booleans: gradients not needed are not computed (None).
 ``lse_lo`` is lse's rounding remainder (lse + lse_lo ≈ the exact log-normaliser, see
 _dense.row_stats); the backward needs it so large-magnitude logits keep fp32 accuracy.
+The segment ops (hytuning.md §3) return fp32 (fp64 for fp64 inputs) and take validated inputs:
+segment ids in range, probe offsets starting at 0, strictly increasing, ending at S. prg_scores'
+``variant`` is one of _types.PRG_VARIANTS; trace t's probes are support[off[t]:off[t+1]] and its
+gains are concatenated trace by trace.
 """
 from __future__ import annotations
 
@@ -50,8 +56,9 @@ def availability(name: str, device: torch.device) -> str | None:
     return module.availability(device)
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
-    """The backend module for ``name`` ("auto" picks the fastest usable one for the inputs)."""
+def resolve(name: str, device: torch.device, dtype: torch.dtype, arg: str = "hidden") -> ModuleType:
+    """The backend module for ``name`` ("auto" picks the fastest usable one for the inputs).
+    ``arg`` names the input whose ``dtype`` a backend may refuse."""
     if name == "auto":
         order = ("cuda", "triton", "torch_chunked") if device.type == "cuda" else ("torch_chunked",)
         for candidate in order:
@@ -66,5 +73,5 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     module = _load(name)
     if dtype not in module.DTYPES:
         names = ", ".join(str(d).replace("torch.", "") for d in module.DTYPES)
-        raise TypeError(f"hidden: backend {name!r} takes {names} inputs, got {str(dtype).replace('torch.', '')}")
+        raise TypeError(f"{arg}: backend {name!r} takes {names} inputs, got {str(dtype).replace('torch.', '')}")
     return module

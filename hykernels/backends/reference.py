@@ -12,6 +12,7 @@ from .._checks import target_mask
 from .._grad import loss_coefficients
 from .._types import LogitOptions, LossTerms, RowCoefs, TokenStats
 from . import _dense
+from ._segments import prg_scores, segment_sum  # noqa: F401  (segment ops: the shared torch implementation)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NAME = "reference"

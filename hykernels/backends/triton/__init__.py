@@ -13,6 +13,8 @@ streamed, so without keeping logits somewhere the tile must be recomputed. The 6
 
 Extra memory: O(N·splits) statistics, the fp32 dH/dW/db accumulators (the gradients
 themselves for fp32 inputs), nothing of size N×V.
+
+Segment ops (answer-span sums, PRG) run the kernels of _segment_kernels.py, fp32 throughout.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 
 from ..._checks import target_mask
 from ..._grad import loss_coefficients
-from ..._types import LogitOptions, LossTerms, RowCoefs, TokenStats
+from ..._types import PRG_VARIANTS, LogitOptions, LossTerms, RowCoefs, TokenStats
 from .. import _dense
 
 NAME = "triton"
@@ -188,3 +190,30 @@ def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
     if any(needs):
         grads = token_stats_backward(hidden, weight, bias, targets, opts, stats.lse, lse_lo, coefs, needs)
     return loss.sum(), stats, *grads
+
+
+SEGMENT_BLOCK = 1024  # values per segment_sum program
+PRG_BLOCK = 16  # gains per step of a PRG program: K ≤ 16 by default (hytuning.md §3), one step
+PRG_LAUNCH = dict(num_warps=1)  # a 16-lane block: more warps would idle
+
+
+def segment_sum(values, segment_ids, num_segments):
+    from ._segment_kernels import segment_sum_kernel
+
+    out = torch.zeros(num_segments, dtype=torch.float32, device=values.device)
+    rows = values.numel()
+    segment_sum_kernel[(math.ceil(rows / SEGMENT_BLOCK),)](values.contiguous(), segment_ids.contiguous(), out,
+                                                           rows, BLOCK=SEGMENT_BLOCK)
+    return out
+
+
+def prg_scores(support, probe_offsets, variant, eps, tau_g):
+    from ._segment_kernels import prg_kernel
+
+    traces = probe_offsets.numel() - 1
+    f32 = dict(dtype=torch.float32, device=support.device)
+    gains, scores = torch.empty(support.numel() - traces, **f32), torch.empty(traces, **f32)
+    prg_kernel[(traces,)](support.contiguous(), probe_offsets.contiguous(), gains, scores, eps, tau_g,
+                          VARIANT=PRG_VARIANTS.index(variant), BLOCK=PRG_BLOCK,
+                          **(PRG_LAUNCH if support.device.type == "cuda" else {}))
+    return gains, scores

@@ -1,0 +1,231 @@
+"""PRG probes (hytuning.md §3): step splitting and the packed one-forward-pass probe batch.
+
+For a trace (prompt x, reasoning s split into steps s_1..s_K, answer a) probe k is
+x, s_≤k, cue, a with the answer teacher-forced. All K+1 probes share their prefixes, so one
+packed sequence holds them: x, s_1..s_K, then K+1 copies of (cue, a), where copy k attends to
+x, s_1..s_k and, causally, to itself, with position ids continuing from the end of step k.
+Tokens processed: |x| + |s| + (K+1)(|cue| + |a|) instead of Σ_k (|x| + |s_≤k| + |cue| + |a|).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+DEFAULT_MAX_STEPS = 16
+
+
+class ProbeTrace(NamedTuple):
+    """Token ids of one trace. ``step_ends`` (exclusive ends into ``reasoning``) overrides
+    delimiter splitting when given."""
+
+    prompt: Sequence[int]
+    reasoning: Sequence[int]
+    answer: Sequence[int]
+    step_ends: Optional[Sequence[int]] = None
+
+
+def _ids(name: str, value) -> list[int]:
+    ids = value.tolist() if isinstance(value, torch.Tensor) else list(value)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise TypeError(f"{name}: expected a sequence of int token ids")
+    return ids
+
+
+def step_delimiters(tokenizer, text: str = "\n\n") -> list[list[int]]:
+    """Every token sequence that spells ``text`` for this tokenizer, longest first: its own
+    encoding, how it encodes between words (BPE often splits "\n\n" into two "\n" tokens in
+    context), and each single vocabulary token whose text contains it ("\n\n\n", ".\n\n")."""
+
+    def enc(t):
+        return list(tokenizer.encode(t, add_special_tokens=False))
+
+    found = {tuple(enc(text))}
+    for left, right in (("a.", "B"), ("21.", "12"), ("x", " y")):
+        ids, lhs, rhs = enc(left + text + right), enc(left), enc(right)
+        if ids[:len(lhs)] == lhs and ids[len(ids) - len(rhs):] == rhs and len(ids) > len(lhs) + len(rhs):
+            found.add(tuple(ids[len(lhs):len(ids) - len(rhs)]))
+    found |= {(i,) for i in range(len(tokenizer)) if text in tokenizer.decode([i])}
+    return [list(d) for d in sorted(found, key=lambda d: (-len(d), d))]
+
+
+def find_step_ends(reasoning: Sequence[int], delimiters: Sequence[Sequence[int]]) -> list[int]:
+    """Exclusive step ends: a step ends right after each occurrence of any delimiter token
+    sequence (the first listed that matches: list longer ones first; the delimiter belongs to
+    the step it closes); the last step ends at the end.
+    A reasoning without delimiters is one step; an empty one has none."""
+    reasoning = _ids("reasoning", reasoning)
+    ends, i = [], 0
+    while i < len(reasoning):
+        hit = next((len(d) for d in delimiters if d and reasoning[i:i + len(d)] == list(d)), 0)
+        i += hit or 1
+        if hit:
+            ends.append(i)
+    if reasoning and (not ends or ends[-1] != len(reasoning)):
+        ends.append(len(reasoning))
+    return ends
+
+
+def merge_steps(ends: Sequence[int], max_steps: int) -> list[int]:
+    """Cap the step count at ``max_steps`` by merging consecutive steps into groups of
+    (nearly) equal count: group i ends where original step ceil((i+1)·K/max_steps) ends."""
+    k = len(ends)
+    if k <= max_steps:
+        return list(ends)
+    return [ends[math.ceil((i + 1) * k / max_steps) - 1] for i in range(max_steps)]
+
+
+def _check_step_ends(ends: list[int], length: int) -> None:
+    if any(b <= a for a, b in zip([0] + ends, ends)) or (ends and ends[-1] != length):
+        raise ValueError(f"step_ends: expected strictly increasing ends in (0, {length}] ending at "
+                         f"{length} (the reasoning length), got {ends}")
+
+
+@dataclass
+class ProbeBatch:
+    """One packed sequence per trace, ready for a model call and for the fused lm_head.
+
+    input_ids, position_ids: [B, T]. attention_mask: [B, 1, T, T] additive float mask (0 where
+    attention is allowed, the dtype's min elsewhere), as transformers' eager and sdpa attention
+    take it. rows: flat indices into [B·T] of the hidden states that predict answer tokens;
+    targets: those answer tokens; span_ids: the probe each belongs to (trace t's probes are
+    probe_offsets[t] .. probe_offsets[t+1]-1, probe k of a trace being k steps in).
+    copy_id (-1 context, k for answer copy k, -2 padding) and visible (context length a token
+    sees) describe the mask compactly, for FlexAttention.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+    span_ids: torch.Tensor
+    probe_offsets: torch.Tensor
+    num_steps: list[int]
+    copy_id: torch.Tensor
+    visible: torch.Tensor
+
+    @property
+    def num_spans(self) -> int:
+        return int(self.probe_offsets[-1])
+
+    def tokens(self) -> int:
+        """Tokens a model call processes (padding excluded)."""
+        return int((self.copy_id != -2).sum())
+
+    def block_mask(self):
+        """The same mask as a FlexAttention BlockMask, or None where FlexAttention is missing."""
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask
+        except ImportError:
+            return None
+        copy_id, visible = self.copy_id, self.visible
+
+        def mask_mod(b, h, q, kv):
+            return allowed_pairs(copy_id[b, q], visible[b, q], copy_id[b, kv], q, kv)
+
+        b, t = self.input_ids.shape
+        return create_block_mask(mask_mod, b, None, t, t, device=self.input_ids.device)
+
+
+def allowed_pairs(copy_q, visible_q, copy_kv, q, kv):
+    """Whether query q may attend to key kv: a context key below q's visible length
+    (for context queries visible = q+1, i.e. causal), or a key of q's own answer copy at or
+    before q. Padding (copy −2) sees only itself. Broadcasts over tensors."""
+    context = (copy_kv == -1) & (kv < visible_q)
+    same_copy = (copy_q >= 0) & (copy_kv == copy_q) & (kv <= q)
+    return context | same_copy | ((copy_q == -2) & (q == kv))
+
+
+def build_probes(
+    traces: Sequence[ProbeTrace],
+    *,
+    cue: Sequence[int],
+    delimiters: Sequence[Sequence[int]] = (),
+    max_steps: int = DEFAULT_MAX_STEPS,
+    pad_id: int = 0,
+    mask_dtype: torch.dtype = torch.float32,
+    device: Optional[torch.device] = None,
+) -> ProbeBatch:
+    """Pack every trace's K+1 probes into one sequence (hytuning.md §3).
+
+    ``cue``: answer-cue token ids (e.g. the tokenizer's ids for "\\nAnswer: "), at least one,
+    so the first answer token is predicted inside its own copy. ``delimiters``: step
+    delimiter token sequences (e.g. the ids of "\\n\\n") for traces without explicit
+    ``step_ends``. Steps beyond ``max_steps`` are merged evenly.
+    """
+    cue = _ids("cue", cue)
+    if not cue:
+        raise ValueError("cue: expected at least one token (the answer cue precedes each answer copy)")
+    if not traces:
+        raise ValueError("traces: expected at least one trace")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps: expected a positive int, got {max_steps!r}")
+    delimiters = [_ids("delimiters", d) for d in delimiters]
+
+    seqs, positions, copies, visibles = [], [], [], []
+    rows, targets, spans, num_steps = [], [], [], []
+    probes_before = 0  # global index of this trace's probe 0
+    for t, trace in enumerate(traces):
+        prompt, reasoning, answer = (_ids(n, v) for n, v in zip(("prompt", "reasoning", "answer"), trace[:3]))
+        if not answer:
+            raise ValueError(f"answer: trace {t} has an empty answer; its support would be undefined")
+        if trace.step_ends is not None:
+            ends = _ids("step_ends", trace.step_ends)
+            _check_step_ends(ends, len(reasoning))
+        else:
+            ends = find_step_ends(reasoning, delimiters)
+        ends = merge_steps(ends, max_steps)
+        num_steps.append(len(ends))
+        context = prompt + reasoning
+        ids, pos = list(context), list(range(len(context)))
+        copy, vis = [-1] * len(context), [i + 1 for i in range(len(context))]
+        for k, end in enumerate([0] + ends):
+            seen = len(prompt) + end  # copy k sees the prompt and steps 1..k
+            start = len(ids)
+            ids += cue + answer
+            pos += list(range(seen, seen + len(cue) + len(answer)))
+            copy += [k] * (len(cue) + len(answer))
+            vis += [seen] * (len(cue) + len(answer))
+            first = start + len(cue) - 1  # hidden state that predicts answer[0]
+            rows += [(t, first + j) for j in range(len(answer))]
+            targets += answer
+            spans += [probes_before + k] * len(answer)
+        probes_before += len(ends) + 1
+        seqs.append(ids), positions.append(pos), copies.append(copy), visibles.append(vis)
+
+    b, width = len(seqs), max(len(s) for s in seqs)
+
+    def padded(lists, fill):
+        return torch.tensor([x + [fill] * (width - len(x)) for x in lists], dtype=torch.long, device=device)
+
+    input_ids, position_ids = padded(seqs, pad_id), padded(positions, 0)
+    copy_id, visible = padded(copies, -2), padded(visibles, 0)
+    q = torch.arange(width, device=device)
+    allowed = allowed_pairs(copy_id[:, :, None], visible[:, :, None], copy_id[:, None, :], q[:, None], q[None, :])
+    mask = torch.zeros(b, 1, width, width, dtype=mask_dtype, device=device)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
+    counts = torch.tensor([0] + [k + 1 for k in num_steps], device=device)
+    return ProbeBatch(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+        rows=torch.tensor([t * width + i for t, i in rows], dtype=torch.long, device=device),
+        targets=torch.tensor(targets, dtype=torch.long, device=device),
+        span_ids=torch.tensor(spans, dtype=torch.long, device=device),
+        probe_offsets=torch.cumsum(counts, 0), num_steps=num_steps, copy_id=copy_id, visible=visible,
+    )
+
+
+def separate_probes(trace: ProbeTrace, *, cue: Sequence[int], delimiters: Sequence[Sequence[int]] = (),
+                    max_steps: int = DEFAULT_MAX_STEPS) -> list[tuple[list[int], int]]:
+    """The K+1 probes of one trace as separate sequences (x, s_≤k, cue, a), each with the index
+    of its first answer token: the unpacked baseline the packed batch must reproduce."""
+    prompt, reasoning, answer = (_ids(n, v) for n, v in zip(("prompt", "reasoning", "answer"), trace[:3]))
+    ends = trace.step_ends if trace.step_ends is not None else find_step_ends(reasoning, [list(d) for d in delimiters])
+    ends = merge_steps(list(ends), max_steps)
+    out = []
+    for end in [0] + ends:
+        seq = prompt + reasoning[:end] + list(cue)
+        out.append((seq + answer, len(seq)))
+    return out

@@ -1,0 +1,1 @@
+"""Adapters to training stacks (transformers today)."""
