@@ -1,10 +1,13 @@
 """hykernels: fused kernels for HyTuning post-training (hytuning.md is the math contract)."""
+from . import hytuning
 from ._checks import set_checks
 from ._types import PRGResult, TokenStats
 from .backends import BackendUnavailableError
 from .functional import answer_span_logprobs, fused_loss, prg_gains, token_stats
+from .hytuning import HyTuningConfig, HyTuningLoss, prg_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["token_stats", "fused_loss", "answer_span_logprobs", "prg_gains", "TokenStats", "PRGResult", "set_checks",
-           "BackendUnavailableError", "__version__"]
+__all__ = ["token_stats", "fused_loss", "answer_span_logprobs", "prg_gains", "prg_loss", "HyTuningLoss",
+           "HyTuningConfig", "TokenStats", "PRGResult", "set_checks", "BackendUnavailableError", "hytuning",
+           "__version__"]

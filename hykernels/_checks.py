@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from numbers import Integral, Real
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -268,3 +268,83 @@ def _check_offsets(offsets: torch.Tensor, support: torch.Tensor) -> None:
         raise ValueError(f"probe_offsets: expected offsets[-1] == len(support) = {support.numel()}, "
                          f"got {int(offsets[-1])}")
     _raise_nonfinite([("support", support)], nonfinite)
+
+
+# --- HyTuning: per-sequence inputs (hytuning.md §4, §6) ------------------------------------
+
+
+class SequenceInputs(NamedTuple):
+    seq_ids: torch.Tensor
+    prg: torch.Tensor
+    is_rd: torch.Tensor
+    advantages: Optional[torch.Tensor]
+    rewards: Optional[torch.Tensor]
+    group_ids: Optional[torch.Tensor]
+
+
+def check_rewards(name: str, x, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A 1-D finite float vector per sequence (rewards, PRG, advantages), optionally [len(like)]."""
+    x = _tensor(name, x)
+    _float_dtype(name, x)
+    if x.dim() != 1 or x.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty 1-D tensor (one value per sequence), got shape {list(x.shape)}")
+    if like is not None and x.shape != like.shape:
+        raise ValueError(f"{name}: expected shape {list(like.shape)} (one value per sequence), got {list(x.shape)}")
+    if like is not None:
+        _same_device(name, x, like.device)
+    if _value_checks and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: contains non-finite values (NaN or Inf)")
+    return x.detach()
+
+
+def check_group_ids(group_ids, rewards: torch.Tensor):
+    """(number of groups, each sequence's group index 0..G-1) for arbitrary integer labels."""
+    group_ids = _tensor("group_ids", group_ids)
+    _int_dtype("group_ids", group_ids)
+    if group_ids.shape != rewards.shape:
+        raise ValueError(f"group_ids: expected shape {list(rewards.shape)} (one per sequence), got {list(group_ids.shape)}")
+    _same_device("group_ids", group_ids, rewards.device)
+    labels, inverse = torch.unique(group_ids, return_inverse=True)
+    return labels.numel(), inverse
+
+
+def check_seq_ids(seq_ids, num_seqs: int, lead: tuple, device, require_tokens: bool = False) -> torch.Tensor:
+    """Per-token sequence index in [-1, num_seqs) (−1: the token belongs to no sequence)."""
+    seq_ids = _tensor("seq_ids", seq_ids)
+    _int_dtype("seq_ids", seq_ids)
+    if tuple(seq_ids.shape) != tuple(lead):
+        raise ValueError(f"seq_ids: expected shape {list(lead)} (like targets), got {list(seq_ids.shape)}")
+    _same_device("seq_ids", seq_ids, device)
+    seq_ids = seq_ids.reshape(-1).long()
+    if _value_checks:
+        bad = (seq_ids < -1) | (seq_ids >= num_seqs)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"seq_ids: expected ids in [-1, {num_seqs}), got {int(seq_ids[row])} at token {row}")
+        if require_tokens:
+            count = torch.bincount(seq_ids[seq_ids >= 0], minlength=num_seqs)
+            if bool((count == 0).any()):
+                raise ValueError(f"seq_ids: sequence {int((count == 0).nonzero()[0, 0])} has no tokens")
+    return seq_ids
+
+
+def check_sequence_inputs(targets, seq_ids, *, prg, is_rd, advantages, rewards, group_ids) -> SequenceInputs:
+    targets = _tensor("targets", targets)
+    prg = check_rewards("prg", prg)
+    is_rd = _tensor("is_rd", is_rd)
+    if is_rd.dtype != torch.bool or is_rd.shape != prg.shape:
+        raise ValueError(f"is_rd: expected a bool tensor of shape {list(prg.shape)} (one per sequence), "
+                         f"got {is_rd.dtype} {list(is_rd.shape)}")
+    _same_device("is_rd", is_rd, prg.device)
+    _same_device("prg", prg, targets.device)
+    seq_ids = check_seq_ids(seq_ids, prg.numel(), tuple(targets.shape), targets.device)
+    if advantages is not None:
+        advantages = check_rewards("advantages", advantages, like=prg)
+        if rewards is not None:
+            raise ValueError("rewards: pass either advantages or rewards (+ group_ids), not both")
+    elif not bool(is_rd.all()):
+        if rewards is None or group_ids is None:
+            raise ValueError("advantages: RLIF sequences need advantages, or rewards and group_ids to compute them")
+        rewards = check_rewards("rewards", rewards, like=prg)
+        check_group_ids(group_ids, rewards)
+    return SequenceInputs(seq_ids, prg, is_rd, advantages, rewards, group_ids)

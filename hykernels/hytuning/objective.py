@@ -1,0 +1,147 @@
+"""The HyTuning recipe (hytuning.md §6): PRG-weighted RD + PRG-gated RLIF through one fused_loss.
+
+prg_loss turns per-sequence PRG, kinds, rewards/advantages and a mix λ into the per-token
+weights of §5 and calls `fused_loss` once; HyTuningLoss is its stateful form (λ smoothed by an
+EMA across steps). Every constant is a HyTuningConfig field; callers wanting other weights pass
+them to `fused_loss` directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import functional as F
+from .._checks import check_sequence_inputs
+from .._types import TokenStats
+from .rewards import GATED_VARIANTS, gate_rewards, group_advantages
+
+
+@dataclass
+class HyTuningConfig:
+    lambda0: float = 0.5  # base RD share
+    kappa: float = 1.0  # how strongly the PRG gap moves λ
+    lambda_min: float = 0.1
+    lambda_max: float = 0.9
+    ema: float = 0.9  # λ smoothing across steps (HyTuningLoss)
+    rd_weight_min: float = 0.2  # clamp of the per-sequence RD weight PRG_i / mean_RD(PRG)
+    rd_weight_max: float = 5.0
+    eps: float = 1e-6
+    prg_variant: str = "progressive"  # which PRG the prg tensor holds: gating needs one in [0, 1]
+    gate_rewards: bool = True  # u′ = PRG·u for gated variants (§4)
+    std_normalize: bool = True  # GRPO (True) or Dr. GRPO (False) advantages
+    kl_coef: float = 0.0  # k3 KL to the reference on RLIF tokens (needs ref_logp)
+    entropy_coef: float = 0.0  # entropy bonus on RLIF tokens
+    clip_eps: tuple = (0.2, 0.2)
+
+
+class HyTuningOutput(NamedTuple):
+    stats: TokenStats  # detached per-token statistics
+    lam: float  # the RD/RLIF mix used
+    rd_weights: torch.Tensor  # [S] w_i for RD sequences, 0 elsewhere
+    advantages: torch.Tensor  # [S] A_i for RLIF sequences, 0 elsewhere
+
+
+def mix_lambda(prg: torch.Tensor, is_rd: torch.Tensor, config: HyTuningConfig) -> Optional[float]:
+    """λ = clamp(λ₀ + κ·(mean_RD PRG − mean_RLIF PRG), λ_min, λ_max); None when the batch holds
+    only one kind (then only that term is used, see effective_lambda)."""
+    if bool(is_rd.all()) or not bool(is_rd.any()):
+        return None
+    gap = float(prg[is_rd].mean() - prg[~is_rd].mean())
+    return min(max(config.lambda0 + config.kappa * gap, config.lambda_min), config.lambda_max)
+
+
+def effective_lambda(lam: Optional[float], is_rd: torch.Tensor) -> float:
+    """The mix applied to a batch: 1 for RD only, 0 for RLIF only, else ``lam``."""
+    if bool(is_rd.all()):
+        return 1.0
+    return 0.0 if not bool(is_rd.any()) else float(lam)
+
+
+def rd_sequence_weights(prg: torch.Tensor, is_rd: torch.Tensor, config: HyTuningConfig) -> torch.Tensor:
+    """w_i = clamp(PRG_i / (mean_RD PRG + ε), min, max) for RD sequences, 0 for the others."""
+    if not bool(is_rd.any()):
+        return torch.zeros_like(prg)
+    w = (prg / (prg[is_rd].mean() + config.eps)).clamp(config.rd_weight_min, config.rd_weight_max)
+    return torch.where(is_rd, w, torch.zeros_like(w))
+
+
+def rlif_advantages(prg, is_rd, config, advantages=None, rewards=None, group_ids=None) -> torch.Tensor:
+    """A_i of RLIF sequences: given, or GRPO over (PRG-gated) rewards within groups."""
+    if advantages is not None:
+        return torch.where(is_rd, torch.zeros_like(advantages), advantages)
+    rlif = ~is_rd
+    out = torch.zeros_like(prg)
+    if not bool(rlif.any()):
+        return out
+    u = rewards[rlif]
+    if config.gate_rewards and config.prg_variant in GATED_VARIANTS:
+        u = gate_rewards(u, prg[rlif])
+    out[rlif] = group_advantages(u, group_ids[rlif], std_normalize=config.std_normalize, eps=config.eps)
+    return out
+
+
+def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, rewards=None, group_ids=None,
+             old_logp=None, ref_logp=None, lam: Optional[float] = None, config: Optional[HyTuningConfig] = None,
+             **logit_kwargs):
+    """HyTuning loss of one packed batch (hytuning.md §6), one `fused_loss` call.
+
+    seq_ids [...] (like targets): the sequence of each token, −1 for none. Per sequence [S]:
+    prg (PRG score), is_rd (RD trace or RLIF rollout), and for RLIF either ``advantages`` or
+    ``rewards`` + ``group_ids`` (GRPO; rewards gated by PRG for progressive/monotone PRG).
+    RD tokens get a_t = λ·w_i/T_RD, RLIF tokens b_t = (1−λ)/T_RLIF with A_t = A_i (PPO-clip when
+    old_logp is given), plus kl_coef and entropy_coef terms on RLIF tokens with the same
+    normalisation. T_* count target tokens; a kind with none contributes nothing. ``lam``
+    overrides the mix (HyTuningLoss passes its EMA). ``logit_kwargs``: bias, temperature,
+    softcap, ignore_index, backend, chunk_size as for fused_loss. Returns (loss, HyTuningOutput).
+    """
+    config = config or HyTuningConfig()
+    seqs = check_sequence_inputs(targets, seq_ids, prg=prg, is_rd=is_rd, advantages=advantages,
+                                 rewards=rewards, group_ids=group_ids)
+    if lam is None:
+        lam = mix_lambda(seqs.prg, seqs.is_rd, config)
+    return _weighted_loss(hidden, weight, targets, seqs, effective_lambda(lam, seqs.is_rd), config,
+                          old_logp, ref_logp, logit_kwargs)
+
+
+def _weighted_loss(hidden, weight, targets, seqs, lam, config, old_logp, ref_logp, logit_kwargs):
+    prg, is_rd, seq_ids = seqs.prg, seqs.is_rd, seqs.seq_ids
+    w_rd = rd_sequence_weights(prg, is_rd, config)
+    adv = rlif_advantages(prg, is_rd, config, seqs.advantages, seqs.rewards, seqs.group_ids)
+    seq = seq_ids.clamp(min=0)
+    has_target = (seq_ids >= 0) & (targets.reshape(seq_ids.shape) != logit_kwargs.get("ignore_index", -100))
+    tok_rd, tok_rlif = has_target & is_rd[seq], has_target & ~is_rd[seq]
+    t_rd, t_rlif = max(int(tok_rd.sum()), 1), max(int(tok_rlif.sum()), 1)
+    zero = torch.zeros(seq_ids.shape, dtype=prg.dtype, device=prg.device)
+    rlif_scale = torch.where(tok_rlif, (1.0 - lam) / t_rlif, zero)
+    terms = dict(rd_weight=torch.where(tok_rd, lam * w_rd[seq] / t_rd, zero), rlif_weight=rlif_scale,
+                 advantages=torch.where(tok_rlif, adv[seq], zero), old_logp=old_logp, clip_eps=config.clip_eps)
+    if config.kl_coef:
+        terms.update(kl_weight=config.kl_coef * rlif_scale, ref_logp=ref_logp)
+    if config.entropy_coef:
+        terms.update(entropy_weight=config.entropy_coef * rlif_scale)
+    loss, stats = F.fused_loss(hidden, weight, targets, **terms, **logit_kwargs)
+    return loss, HyTuningOutput(stats, lam, w_rd, adv)
+
+
+class HyTuningLoss(torch.nn.Module):
+    """Stateful prg_loss: λ is an EMA (from λ₀) of the λ of each training batch that holds both
+    kinds; it lives in a buffer, so it is saved with state_dict and resumes with the run."""
+
+    def __init__(self, config: Optional[HyTuningConfig] = None, **logit_kwargs):
+        super().__init__()
+        self.config = config or HyTuningConfig()
+        self.logit_kwargs = logit_kwargs
+        self.register_buffer("lam", torch.tensor(self.config.lambda0, dtype=torch.float64))
+
+    def forward(self, hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, rewards=None,
+                group_ids=None, old_logp=None, ref_logp=None):
+        seqs = check_sequence_inputs(targets, seq_ids, prg=prg, is_rd=is_rd, advantages=advantages,
+                                     rewards=rewards, group_ids=group_ids)
+        step_lam = mix_lambda(seqs.prg, seqs.is_rd, self.config)
+        if self.training and step_lam is not None:
+            self.lam.mul_(self.config.ema).add_((1.0 - self.config.ema) * step_lam)
+        lam = effective_lambda(float(self.lam), seqs.is_rd)
+        return _weighted_loss(hidden, weight, targets, seqs, lam, self.config, old_logp, ref_logp,
+                              self.logit_kwargs)
