@@ -1,5 +1,5 @@
 """hykernels: fused kernels for HyTuning post-training (hytuning.md is the math contract)."""
-from . import hytuning
+from . import hytuning, metrics
 from ._checks import set_checks
 from ._types import PRGResult, TokenStats
 from .backends import BackendUnavailableError
@@ -9,5 +9,5 @@ from .hytuning import HyTuningConfig, HyTuningLoss, prg_loss
 __version__ = "0.1.0"
 
 __all__ = ["token_stats", "fused_loss", "answer_span_logprobs", "prg_gains", "prg_loss", "HyTuningLoss",
-           "HyTuningConfig", "TokenStats", "PRGResult", "set_checks", "BackendUnavailableError", "hytuning",
+           "HyTuningConfig", "TokenStats", "PRGResult", "set_checks", "BackendUnavailableError", "hytuning", "metrics",
            "__version__"]

