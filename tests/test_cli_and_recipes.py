@@ -1,8 +1,12 @@
 """The README's main job and the python/ recipes run as they are."""
+import math
 import runpy
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +31,77 @@ def test_plain_pytorch_loop_learns():
     main = runpy.run_path(str(ROOT / "python" / "plain_pytorch_loop.py"))["main"]
     losses = main(["--steps", "25"])
     assert losses[-1] < 0.7 * losses[0]
+
+
+def _recipe(name, monkeypatch):
+    """A python/ recipe's globals, its sibling recipe_common importable as when it runs as a script."""
+    monkeypatch.syspath_prepend(str(ROOT / "python"))
+    return runpy.run_path(str(ROOT / "python" / f"{name}.py"))
+
+
+def _logged_losses(trainer):
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == trainer.args.max_steps and all(math.isfinite(x) for x in losses)
+    return losses
+
+
+def test_transformers_trainer_equals_model_loss_and_learns(monkeypatch, tmp_path):
+    r = _recipe("transformers_trainer", monkeypatch)
+    trainer = r["make_trainer"](r["parse_args"](["--steps", "2"]), str(tmp_path))
+    model, batch = trainer.model, r["collate"](trainer.train_dataset)
+    want = model(**batch).loss  # transformers' own cross-entropy, from the logits
+    n = (batch["labels"][:, 1:] != -100).sum()  # what the Trainer passes as num_items_in_batch
+    for got in (trainer.compute_loss(model, batch), trainer.compute_loss(model, batch, num_items_in_batch=n)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.train()
+    losses = _logged_losses(trainer)
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_transformers_trainer_hytuning_batches(monkeypatch):
+    trainer, _ = _recipe("transformers_trainer", monkeypatch)["main"](["--steps", "2", "--hytuning", "--arch", "qwen2"])
+    _logged_losses(trainer)
+    assert float(trainer.hytuning_loss.lam) != trainer.hytuning_loss.config.lambda0  # λ's EMA moved (§6)
+
+
+def test_trl_grpo_hooks_equal_trl_and_train(monkeypatch, tmp_path):
+    trl = pytest.importorskip("trl")
+    r = _recipe("trl_grpo", monkeypatch)
+    trainer = r["make_trainer"](r["parse_args"](["--steps", "2"]), str(tmp_path))
+    model, g = trainer.model.train(), torch.Generator().manual_seed(0)
+    trainer.current_gradient_accumulation_steps = 1
+    prompt, completion = torch.randint(2, 256, (4, 5), generator=g), torch.randint(2, 256, (4, 6), generator=g)
+    completion_mask = (torch.arange(6) < torch.tensor([[6], [3], [5], [1]])).long()
+    ids, mask = torch.cat([prompt, completion], 1), torch.cat([torch.ones_like(prompt), completion_mask], 1)
+    # TRL's own log-probs and loss (its logits path) against the hykernels hooks, values and gradients
+    trl_logps = trl.GRPOTrainer._get_per_token_logps_and_entropies.__get__(trainer)
+    want, got = trl_logps(model, ids, mask, 6, compute_entropy=True), trainer._get_per_token_logps_and_entropies(
+        model, ids, mask, 6, compute_entropy=True)
+    on = completion_mask.bool()
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a[on], b[on], rtol=1e-5, atol=1e-5)
+    noisy = lambda: want[0].detach() + 0.2 * torch.randn(4, 6, generator=g)  # off-policy: some ratios clip
+    inputs = dict(prompt_ids=prompt, prompt_mask=torch.ones_like(prompt), completion_ids=completion,
+                  completion_mask=completion_mask, advantages=torch.randn(4, generator=g),
+                  num_items_in_batch=completion_mask.sum(), old_per_token_logps=noisy(), ref_per_token_logps=noisy())
+    weight = model.get_output_embeddings().weight
+    for loss_type in ("dapo", "grpo"):
+        trainer.loss_type = loss_type
+        ours = trainer._compute_loss(model, inputs)
+        monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", trl_logps)
+        theirs = trl.GRPOTrainer._compute_loss(trainer, model, inputs)
+        monkeypatch.undo()
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(*(torch.autograd.grad(x, weight)[0] for x in (ours, theirs)), rtol=1e-4, atol=1e-6)
+    # the default reward: mean self-certainty (lse - mean logit - log V) of the completion tokens
+    trainer._prompt_ids, lengths = prompt.tolist(), completion_mask.sum(1).tolist()
+    rewards = trainer.self_certainty(prompts=[""] * 4, completion_ids=[c[:n] for c, n in zip(completion.tolist(), lengths)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, 4:-1] / trainer.temperature, -1)
+    sc = -logp.mean(-1) - math.log(logp.shape[-1])
+    torch.testing.assert_close(torch.tensor(rewards), (sc * on).sum(1) / on.sum(1), rtol=1e-5, atol=1e-6)
+    trainer.train()
+    _logged_losses(trainer)
+    assert trainer.state.log_history[0]["rewards/self_certainty/mean"] > 0
