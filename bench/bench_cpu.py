@@ -30,8 +30,6 @@ import gc
 import json
 import math
 import os
-import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -48,6 +46,10 @@ import torch  # noqa: E402
 
 import hykernels  # noqa: E402
 from hykernels.backends import torch_chunked as _torch_chunked  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import HostPeak, cpu_device_info, loadavg, trim_malloc, versions  # noqa: E402
+from _common import fmt_mib as _mib, fmt_sec as _sec  # noqa: E402
 
 BACKENDS = ("reference", "torch_chunked")
 WORKLOADS = ("token_stats", "fused_loss")
@@ -109,41 +111,6 @@ def clear_grads(x: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# memory (Linux /proc)
-# --------------------------------------------------------------------------------------------
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    # The reset takes effect immediately; confirm it did (HWM must now equal RSS).
-    hwm, rss = _proc_status_kib("VmHWM"), _proc_status_kib("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 4
-
-
-def trim_malloc() -> None:
-    """Return freed heap pages to the OS so the baseline RSS is live data only."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-# --------------------------------------------------------------------------------------------
 # worker: one (backend, workload) in a fresh process
 # --------------------------------------------------------------------------------------------
 
@@ -163,30 +130,20 @@ def worker(args) -> None:
     trim_malloc()
 
     # ---- memory run (untimed; also the warm-up for the timed repeats) ----
-    clear_refs_ok = reset_hwm()
-    baseline_kib = _proc_status_kib("VmRSS")
-    if clear_refs_ok:
-        method = "VmHWM - VmRSS baseline after writing 5 to /proc/self/clear_refs"
-    else:
-        method = ("FALLBACK: /proc/self/clear_refs not writable; ru_maxrss - VmRSS baseline "
-                  "(ru_maxrss is the lifetime peak, so input creation and the toy warm-up may inflate it)")
+    peak = HostPeak()
+    peak.start()
     t0 = time.perf_counter()
     loss, st = run_forward(workload, backend, x)
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
-    if clear_refs_ok:
-        peak_kib = _proc_status_kib("VmHWM")
-    else:
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    if baseline_kib is None:  # no /proc at all
-        baseline_kib, method = 0, method + " (no /proc/self/status: baseline 0)"
+    peak_extra = peak.stop()
     mem = {
-        "peak_extra_bytes": (peak_kib - baseline_kib) * 1024,
-        "baseline_rss_bytes": baseline_kib * 1024,
-        "peak_rss_bytes": peak_kib * 1024,
-        "method": method,
-        "clear_refs_ok": clear_refs_ok,
+        "peak_extra_bytes": peak_extra,
+        "baseline_rss_bytes": peak.baseline_kib * 1024,
+        "peak_rss_bytes": peak.peak_kib * 1024,
+        "method": peak.method,
+        "clear_refs_ok": peak.clear_refs_ok,
         "memory_run_fwd_s": t1 - t0,
         "memory_run_bwd_s": t2 - t1,
     }
@@ -239,42 +196,6 @@ def worker(args) -> None:
 # parent
 # --------------------------------------------------------------------------------------------
 
-def _lscpu_model() -> str | None:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    for line in out.splitlines():
-        if line.strip().lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _mem_total_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
 def _busy_warning(results) -> str | None:
     """A worker keeps ~torch_num_threads runnable; a 1-min load average well above that after a
     worker means other processes competed for the cores and the timings are inflated."""
@@ -284,38 +205,6 @@ def _busy_warning(results) -> str | None:
         if la and la[0] > r["torch_num_threads"] + 0.75:
             busy.append(f"{r['backend']}/{r['workload']} (1-min load {la[0]} vs {r['torch_num_threads']} threads)")
     return ("other load during: " + "; ".join(busy)) if busy else None
-
-
-def device_info() -> dict:
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        affinity = None
-    return {
-        "kind": "cpu",
-        "platform_processor": platform.processor(),
-        "lscpu_model_name": _lscpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity_count": affinity,
-        "torch_num_threads": torch.get_num_threads(),
-        "mem_total_bytes": _mem_total_bytes(),
-        "machine": platform.machine(),
-        "platform": platform.platform(),
-    }
-
-
-def versions() -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception as exc:  # noqa: BLE001 - triton is optional here
-        triton_version = f"unavailable ({type(exc).__name__}: {exc})"
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "hykernels": hykernels.__version__,
-    }
 
 
 def compare(ref: dict, got: dict, dtype: torch.dtype) -> dict:
@@ -342,17 +231,6 @@ def compare(ref: dict, got: dict, dtype: torch.dtype) -> dict:
                         "agree": agree}
     return {"tolerance": f"max_abs_diff <= {tol:g} * max|reference| (per output)", "all_agree": ok,
             "fields": fields}
-
-
-def _mib(b) -> str:
-    if b is None:
-        return "-"
-    m = b / 2**20
-    return f"{m:.0f}" if abs(m) >= 10 else f"{m:.2f}"
-
-
-def _sec(t: float) -> str:
-    return f"{t:.2f}" if t >= 1 else f"{t:.4f}"
 
 
 def markdown_table(report: dict) -> str:
@@ -397,7 +275,7 @@ def parent(args) -> dict:
                        "--v", str(v), "--dtype", args.dtype, "--repeats", str(args.repeats), "--seed", str(seed),
                        "--result-file", str(res_file), "--outputs-file", str(out_file)]
                 print(f"[bench] {backend} / {workload} ...", file=sys.stderr, flush=True)
-                load_before = _loadavg()
+                load_before = loadavg()
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
@@ -405,7 +283,7 @@ def parent(args) -> dict:
                                        f"{proc.stdout}\n{proc.stderr}")
                 res = json.loads(res_file.read_text())
                 res["worker_wall_s"] = time.perf_counter() - t0
-                res["loadavg_before"], res["loadavg_after"] = load_before, _loadavg()
+                res["loadavg_before"], res["loadavg_after"] = load_before, loadavg()
                 print(f"[bench]   total {res['total_s']:.2f}s, peak extra {_mib(res['peak_extra_bytes'])} MiB "
                       f"(worker {res['worker_wall_s']:.0f}s)", file=sys.stderr, flush=True)
                 results.append(res)
@@ -446,7 +324,7 @@ def parent(args) -> dict:
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable] + sys.argv),
         "argv": sys.argv,
-        "device": device_info(),
+        "device": cpu_device_info(),
         "versions": versions(),
         "shape": {"N": n, "D": d, "V": v},
         "dtype": args.dtype,
