@@ -10,6 +10,7 @@ calibration again, and a reliability diagram PNG.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ class ByteTokenizer:
 
 
 def load_model(tiny: bool):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub lookup
     import transformers
 
     if not tiny:
