@@ -83,6 +83,20 @@ def _check_step_ends(ends: list[int], length: int) -> None:
                          f"{length} (the reasoning length), got {ends}")
 
 
+def _split_trace(t: int, trace: ProbeTrace, delimiters: list[list[int]], max_steps: int):
+    """(prompt, reasoning, answer, step ends after merging) of trace ``t``: the one step split
+    that the packed batch and the separate-probe baseline share."""
+    prompt, reasoning, answer = (_ids(n, v) for n, v in zip(("prompt", "reasoning", "answer"), trace[:3]))
+    if not answer:
+        raise ValueError(f"answer: trace {t} has an empty answer; its support would be undefined")
+    if trace.step_ends is not None:
+        ends = _ids("step_ends", trace.step_ends)
+        _check_step_ends(ends, len(reasoning))
+    else:
+        ends = find_step_ends(reasoning, delimiters)
+    return prompt, reasoning, answer, merge_steps(ends, max_steps)
+
+
 @dataclass
 class ProbeBatch:
     """One packed sequence per trace, ready for a model call and for the fused lm_head.
@@ -169,15 +183,7 @@ def build_probes(
     rows, targets, spans, num_steps = [], [], [], []
     probes_before = 0  # global index of this trace's probe 0
     for t, trace in enumerate(traces):
-        prompt, reasoning, answer = (_ids(n, v) for n, v in zip(("prompt", "reasoning", "answer"), trace[:3]))
-        if not answer:
-            raise ValueError(f"answer: trace {t} has an empty answer; its support would be undefined")
-        if trace.step_ends is not None:
-            ends = _ids("step_ends", trace.step_ends)
-            _check_step_ends(ends, len(reasoning))
-        else:
-            ends = find_step_ends(reasoning, delimiters)
-        ends = merge_steps(ends, max_steps)
+        prompt, reasoning, answer, ends = _split_trace(t, trace, delimiters, max_steps)
         num_steps.append(len(ends))
         context = prompt + reasoning
         ids, pos = list(context), list(range(len(context)))
@@ -221,9 +227,7 @@ def separate_probes(trace: ProbeTrace, *, cue: Sequence[int], delimiters: Sequen
                     max_steps: int = DEFAULT_MAX_STEPS) -> list[tuple[list[int], int]]:
     """The K+1 probes of one trace as separate sequences (x, s_≤k, cue, a), each with the index
     of its first answer token: the unpacked baseline the packed batch must reproduce."""
-    prompt, reasoning, answer = (_ids(n, v) for n, v in zip(("prompt", "reasoning", "answer"), trace[:3]))
-    ends = trace.step_ends if trace.step_ends is not None else find_step_ends(reasoning, [list(d) for d in delimiters])
-    ends = merge_steps(list(ends), max_steps)
+    prompt, reasoning, answer, ends = _split_trace(0, trace, [_ids("delimiters", d) for d in delimiters], max_steps)
     out = []
     for end in [0] + ends:
         seq = prompt + reasoning[:end] + list(cue)
