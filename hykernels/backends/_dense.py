@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .._partials import Partials
 from .._types import LogitOptions, RowCoefs, TokenStats
 
 
@@ -58,6 +59,17 @@ def row_stats(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> tu
     z_y = zs.gather(1, targets[:, None]).squeeze(1)
     logp = torch.where(valid, z_y - lse_s, torch.zeros_like(lse))
     return TokenStats(logp, entropy, self_certainty, confidence, argmax, lse), lse_lo
+
+
+def row_partials(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> Partials:
+    """The tile's online-softmax partials (hykernels/_partials.py) as one slice: what a rank
+    holding these vocabulary columns contributes to a vocab-parallel reduction."""
+    m, argmax = z.max(-1)
+    zs = z - m[:, None]
+    e = torch.exp(zs)
+    zy = torch.where(valid, z.gather(1, targets[:, None]).squeeze(1), torch.zeros_like(m))
+    count = torch.full((1, 1), z.shape[-1], dtype=z.dtype, device=z.device)
+    return Partials(m[None], e.sum(-1)[None], (zs * e).sum(-1)[None], zs.sum(-1)[None], zy[None], argmax[None], count)
 
 
 def logits_grad(

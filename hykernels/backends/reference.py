@@ -10,6 +10,7 @@ import torch
 
 from .._checks import target_mask
 from .._grad import loss_coefficients
+from .._partials import Partials
 from .._types import LogitOptions, LossTerms, RowCoefs, TokenStats
 from . import _dense
 from ._segments import prg_scores, segment_sum  # noqa: F401  (segment ops: the shared torch implementation)
@@ -32,6 +33,12 @@ def token_stats(hidden, weight, bias, targets, opts: LogitOptions) -> tuple[Toke
     h, w, b, dt = _upcast(hidden, weight, bias)
     valid, safe = target_mask(targets, weight.shape[0], opts.ignore_index)
     return _dense.row_stats(_dense.logits(h, w, b, opts, dt), safe, valid)
+
+
+def token_partials(hidden, weight, bias, targets, opts: LogitOptions) -> Partials:
+    h, w, b, dt = _upcast(hidden, weight, bias)
+    valid, safe = target_mask(targets, weight.shape[0], opts.ignore_index)
+    return _dense.row_partials(_dense.logits(h, w, b, opts, dt), safe, valid)
 
 
 def _apply_grad(g, hidden, weight, bias, h, w, needs):

@@ -15,6 +15,7 @@ import torch
 
 from .._checks import target_mask
 from .._grad import loss_coefficients
+from .._partials import Partials
 from .._types import LogitOptions, LossTerms, RowCoefs, TokenStats
 from . import _dense
 from ._segments import prg_scores, segment_sum  # noqa: F401  (segment ops: the shared torch implementation)
@@ -82,6 +83,15 @@ def token_stats(hidden, weight, bias, targets, opts: LogitOptions) -> tuple[Toke
         _dense.row_stats(_dense.logits(hidden[sl], weight, bias, opts, dt), safe[sl], valid[sl])
         for sl in _chunks(hidden, weight, opts)
     ])
+
+
+def token_partials(hidden, weight, bias, targets, opts: LogitOptions) -> Partials:
+    dt = _dense.stat_dtype(hidden.dtype)
+    valid, safe = target_mask(targets, weight.shape[0], opts.ignore_index)
+    parts = [_dense.row_partials(_dense.logits(hidden[sl], weight, bias, opts, dt), safe[sl], valid[sl])
+             for sl in _chunks(hidden, weight, opts)]
+    *fields, counts = zip(*parts)  # every chunk covers the same columns: one count
+    return Partials(*(torch.cat(f, dim=1) for f in fields), counts[0])
 
 
 def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs: RowCoefs, needs):

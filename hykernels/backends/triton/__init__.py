@@ -27,6 +27,7 @@ import torch
 
 from ..._checks import target_mask
 from ..._grad import loss_coefficients
+from ..._partials import Partials, finish, slice_counts
 from ..._types import PRG_VARIANTS, LogitOptions, LossTerms, RowCoefs, TokenStats
 from .. import _dense
 
@@ -115,14 +116,15 @@ def _launch_opts(blocks: Blocks, device: torch.device) -> dict:
     return dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
-def token_stats(hidden, weight, bias, targets, opts: LogitOptions) -> tuple[TokenStats, torch.Tensor]:
+def token_partials(hidden, weight, bias, targets, opts: LogitOptions) -> Partials:
+    """Online-softmax partials of each vocabulary split (hykernels/_partials.py)."""
     from ._kernels import stats_fwd
 
     n, vocab = hidden.shape[0], weight.shape[0]
     c = _common(hidden, weight, bias, opts)
     blocks = choose_blocks(n, vocab, hidden.shape[1], hidden.device, hidden.dtype)
     per, splits = _split_plan(n, vocab, blocks, hidden.device)
-    valid, safe = target_mask(targets, vocab, opts.ignore_index)
+    valid, _ = target_mask(targets, vocab, opts.ignore_index)
     y = torch.where(valid, targets, torch.full_like(targets, -1))  # -1 never matches a column
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m, s, t, u, zy = (torch.empty(splits, n, **f32) for _ in range(5))
@@ -131,30 +133,12 @@ def token_stats(hidden, weight, bias, targets, opts: LogitOptions) -> tuple[Toke
     stats_fwd[grid](c["hidden"], c["weight"], bias, y, m, s, t, u, zy, am, n, vocab, tiles_per_split=per,
                     BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, **c["args"], **c["meta"],
                     **_launch_opts(blocks, hidden.device))
-    return _merge_splits(m, s, t, u, zy, am, valid, vocab, per * blocks.n, _dense.stat_dtype(hidden.dtype))
+    return Partials(m, s, t, u, zy, am.long(), slice_counts(vocab, per * blocks.n, m))
 
 
-def _merge_splits(m, s, t, u, zy, am, valid, vocab, split_width, dtype):
-    """Combine per-split online-softmax partials [splits, N] into the §2 statistics."""
-    splits = m.shape[0]
-    counts = torch.tensor([min(vocab, (j + 1) * split_width) - j * split_width for j in range(splits)],
-                          dtype=torch.float32, device=m.device)[:, None]
-    mx, best = m.max(0)
-    shift = m - mx  # ≤ 0
-    w = torch.exp(shift)
-    s_all = (w * s).sum(0)
-    t_all = (w * (t + shift * s)).sum(0)
-    u_all = (u + counts * shift).sum(0)
-    lse_s = torch.log(s_all)
-    lse = mx + lse_s
-    lse_lo = lse_s - (lse - mx)  # Fast2Sum remainder, as _dense.row_stats
-    entropy = lse_s - t_all / s_all
-    self_certainty = lse_s - u_all / vocab - math.log(vocab)
-    confidence = torch.exp(-lse_s)
-    argmax = am.gather(0, best[None]).squeeze(0).long()
-    logp = torch.where(valid, (zy.sum(0) - mx) - lse_s, torch.zeros_like(lse))
-    stats = TokenStats(logp, entropy, self_certainty, confidence, argmax, lse)
-    return TokenStats(*(x.to(dtype) if x.is_floating_point() else x for x in stats)), lse_lo.to(dtype)
+def token_stats(hidden, weight, bias, targets, opts: LogitOptions) -> tuple[TokenStats, torch.Tensor]:
+    valid, _ = target_mask(targets, weight.shape[0], opts.ignore_index)
+    return finish(token_partials(hidden, weight, bias, targets, opts), valid, _dense.stat_dtype(hidden.dtype))
 
 
 def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs: RowCoefs, needs):
