@@ -100,6 +100,9 @@ PRESETS = {
                 dtypes=["bfloat16"], workloads=list(WORKLOADS), prg_traces=[64, 512], repeats=10, warmup=3),
     "cpu": dict(models=["smollm2-135m"], n=[256, 1024, 4096], dtypes=["float32"], workloads=list(WORKLOADS),
                 prg_traces=[16, 64], repeats=3, warmup=1),
+    # issue 7's matrix: a Qwen-size and a Llama-3 lm_head at D=4096, bf16 (cuda against every path)
+    "lmhead": dict(models=["4096:151936", "llama-3-8b"], n=[8192, 16384], dtypes=["bfloat16"],
+                   workloads=["ce", "token_stats"], prg_traces=[64], repeats=10, warmup=3),
     "toy": dict(models=["toy"], n=[64, 200], dtypes=["float32"], workloads=list(WORKLOADS), prg_traces=[2],
                 repeats=3, warmup=1),
 }
@@ -283,7 +286,7 @@ class Hykernels(Impl):
     def static_skip(self, case, device):
         from hykernels import backends
 
-        if self.backend == "cuda":  # planned backends answer without importing anything
+        if self.backend == "cuda":  # answers at once off a GPU (no extension build attempted)
             reason = backends.availability("cuda", torch.device(device))
             if reason is not None:
                 return reason

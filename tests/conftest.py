@@ -15,7 +15,15 @@ from hykernels import backends  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Every backend usable here; the correctness suite runs each against the oracle.
-BACKENDS = [b for b in ("reference", "torch_chunked", "triton") if backends.availability(b, DEVICE) is None]
+BACKENDS = [b for b in ("reference", "torch_chunked", "triton", "cuda") if backends.availability(b, DEVICE) is None]
+if DEVICE.type == "cpu":  # the cuda backend's Python side, its kernels emulated (tests/cuda_emulator.py)
+    import cuda_emulator  # noqa: E402
+
+    cuda_emulator.load()
+    BACKENDS.append(cuda_emulator.NAME)
+# Shapes on which the cuda backends get a workspace smaller than a row's vocabulary, forcing
+# several vocabulary slices per chunk (the other shapes take the whole-row, 6·N·D·V path).
+SLICED_SHAPES = ("ragged", "realistic_vocab")
 
 
 @pytest.fixture
@@ -27,15 +35,23 @@ def rng():
 
 
 @pytest.fixture(autouse=True)
-def small_triton_blocks(request, monkeypatch):
+def small_blocks(request, monkeypatch):
     """Triton tests use small tiles and several vocabulary splits, so ragged shapes span many
-    partial tiles and the online-softmax rebasing and split merge are exercised."""
+    partial tiles and the online-softmax rebasing and split merge are exercised; the cuda
+    backends get a workspace that holds a third of a row on SLICED_SHAPES."""
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     if params.get("backend") == "triton":
         from hykernels.backends import triton as tb
 
         wide = params.get("shape") == "realistic_vocab"  # 32k vocabulary: wider tiles keep it fast
         monkeypatch.setattr(tb, "OVERRIDE", tb.Blocks(m=16, n=1024 if wide else 64, k=16, splits=3))
+    if params.get("backend") in ("cuda", "cuda_emulated") and params.get("shape") in SLICED_SHAPES:
+        from cases import SHAPES
+        from cuda_emulator import sliced_workspace
+
+        n, _, vocab, *_, chunk = SHAPES[params["shape"]]
+        module = backends._load(params["backend"])
+        monkeypatch.setattr(module, "WORKSPACE_BYTES", sliced_workspace(chunk, vocab, slices=3))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import hykernels as hk
+from hykernels import backends
 import oracle
 from conftest import BACKENDS
 from hykernels.hytuning import HyTuningConfig, HyTuningLoss, group_advantages, rewards_from_stats
@@ -68,11 +69,11 @@ def transcription(b, cfg, lam=None):
     return total, lam, adv
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"] + (["triton"] if "triton" in BACKENDS else []))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kinds", [(True, True, False, False, False, False), (True, True, True),
                                    (False, False, False, False, False, False)], ids=["mixed", "rd_only", "rlif_only"])
 def test_prg_loss_equals_transcription(rng, backend, kinds):
-    dtype = torch.float32 if backend == "triton" else torch.float64
+    dtype = torch.float64 if torch.float64 in backends._load(backend).DTYPES else torch.float32
     b = batch(rng, kinds, dtype)
     cfg = HyTuningConfig()
     loss, out = hk.prg_loss(b["h"], b["w"], b["y"], b["seq_ids"], prg=b["prg"], is_rd=b["is_rd"], rewards=b["rewards"],

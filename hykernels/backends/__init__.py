@@ -5,6 +5,7 @@ Every backend module offers the same small interface:
     DTYPES                                          input dtypes it computes exactly enough
     availability(device) -> None | str            (None: usable; str: why not)
     token_stats(hidden, weight, bias, targets, opts) -> (TokenStats, lse_lo)
+    token_partials(hidden, weight, bias, targets, opts) -> _partials.Partials (vocab-parallel use)
     token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs, needs) -> (dH, dW, db)
     fused_loss(hidden, weight, bias, targets, opts, terms, needs) -> (loss, TokenStats, dH, dW, db)
     segment_sum(values [R], segment_ids [R] int64, num_segments) -> [num_segments]
@@ -30,10 +31,9 @@ _MODULES = {
     "reference": "hykernels.backends.reference",
     "torch_chunked": "hykernels.backends.torch_chunked",
     "triton": "hykernels.backends.triton",
+    "cuda": "hykernels.backends.cuda",
 }
-# Names the design reserves for backends that are not part of this build yet.
-_PLANNED = ("cuda",)
-NAMES = tuple(_MODULES) + _PLANNED
+NAMES = tuple(_MODULES)
 BACKENDS = tuple(_MODULES) + ("auto",)
 
 
@@ -47,8 +47,6 @@ def _load(name: str) -> ModuleType:
 
 def availability(name: str, device: torch.device) -> str | None:
     """None if backend ``name`` can run on ``device``, else the reason it cannot."""
-    if name in _PLANNED and name not in _MODULES:
-        return f"the {name} backend is not part of this hykernels build yet"
     try:
         module = _load(name)
     except ImportError as exc:  # an optional dependency is missing
@@ -65,7 +63,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype, arg: str = "hid
             if candidate in _MODULES and availability(candidate, device) is None and dtype in _load(candidate).DTYPES:
                 return _load(candidate)
         raise BackendUnavailableError(f"no backend can run on device {device}")  # unreachable today
-    if name not in _MODULES and name not in _PLANNED:
+    if name not in _MODULES:
         raise ValueError(f"backend: unknown backend {name!r}; expected one of {BACKENDS}")
     reason = availability(name, device)
     if reason is not None:

@@ -1,0 +1,373 @@
+"""cuda backend: cuBLAS GEMMs (through ATen) into a bounded fp32 workspace + CUDA epilogues.
+
+Per token chunk, ``torch.mm`` writes the chunk's logits (fp32 output, input-dtype operands) into
+a workspace tile; csrc/kernels/logit_epilogues.cu then reads the tile once for the row
+statistics and once for the §2 gradient, which overwrites the tile in place (bf16/fp16 for
+half-precision inputs) and feeds the next two GEMMs: dH = G·W and dW += Gᵀ·H (fp32 accumulator).
+
+- fused_loss, when a whole row's vocabulary fits the workspace: GEMM → statistics (the tile
+  keeps the transformed logits) → §5 coefficients (hykernels/_grad.py on [chunk] rows) →
+  gradient in place → two GEMMs. 6·N·D·V FLOPs, gradients formed in the forward pass.
+- Otherwise (huge vocabularies or a small workspace) each chunk walks vocabulary slices:
+  statistics merge across slices (hykernels/_partials.py) and the gradient pass recomputes each
+  slice's logits, 8·N·D·V FLOPs, as token_stats + its backward always do.
+- Chunks alternate between two CUDA streams with a workspace each, so one chunk's epilogues
+  overlap the next chunk's GEMM; updates of the shared dW/db accumulators are chained with
+  events so they stay ordered.
+
+Workspace: WORKSPACE_BYTES in all (both streams), plus the fp32 dW (and dH when a row spans
+several slices) accumulators for half-precision inputs.
+
+The kernels are compiled on first use with ninja (torch.utils.cpp_extension.load, cached under
+TORCH_EXTENSIONS_DIR), or ahead of time with ``HYKERNELS_BUILD_CUDA=1 pip install .``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .._checks import target_mask
+from .._grad import loss_coefficients
+from .._partials import Partials, finish
+from .._types import PRG_VARIANTS, LogitOptions, LossTerms, RowCoefs, TokenStats
+
+NAME = "cuda"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 statistics: fp64 is refused
+WORKSPACE_BYTES = int(os.environ.get("HYKERNELS_CUDA_WORKSPACE_MB", "2048")) * 2**20
+LANES = 2  # streams (and workspaces) in flight
+ROW_ALIGN = 64  # token chunks are a multiple of this many rows: GEMM-friendly M
+_GRAD_OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc GradOut
+
+_state: dict = {}  # "ext": the loaded module, or "error": why it could not be loaded
+
+
+def _sources() -> Optional[Path]:
+    """csrc/ of a source checkout, or the copy setup.py puts inside an installed package."""
+    here = Path(__file__).resolve()
+    for root in (here.parents[2] / "csrc", here.parents[1] / "_csrc"):
+        if (root / "hykernels_cuda.cpp").is_file():
+            return root
+    return None
+
+
+def _build():
+    try:  # built ahead of time by HYKERNELS_BUILD_CUDA=1 pip install .
+        from hykernels import _cuda_ext
+
+        return _cuda_ext
+    except ImportError:
+        pass
+    src = _sources()
+    if src is None:
+        raise RuntimeError("the csrc/ sources are not part of this installation")
+    from torch.utils.cpp_extension import load
+
+    return load(name="hykernels_cuda", sources=[str(src / "hykernels_cuda.cpp"), *map(str, sorted(src.glob("kernels/*.cu")))],
+                extra_include_paths=[str(src)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
+                verbose=os.environ.get("HYKERNELS_BUILD_VERBOSE") == "1")
+
+
+def _ext():
+    if "ext" not in _state and "error" not in _state:
+        try:
+            _state["ext"] = _build()
+        except Exception as exc:  # a failed build makes the backend unavailable, with the reason
+            _state["error"] = f"building the CUDA extension failed: {str(exc).strip()[-2000:]}"
+    if "error" in _state:
+        raise RuntimeError(_state["error"])
+    return _state["ext"]
+
+
+def _has_fp32_output_gemm() -> bool:
+    """torch.mm(bf16, bf16, out_dtype=torch.float32): cuBLAS with an fp32 output (torch 2.8+)."""
+    return any("out_dtype" in str(s) for s in torch._C._jit_get_schemas_for_operator("aten::mm"))
+
+
+def availability(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"the cuda backend needs a CUDA device; got {device.type}"
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return "this torch build has no usable CUDA"
+    if not _has_fp32_output_gemm():
+        return f"the cuda backend needs torch >= 2.8 (torch.mm with out_dtype); this is torch {torch.__version__}"
+    try:
+        _ext()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+# --------------------------------------------------------------------------- chunk planning
+
+
+def plan(n: int, vocab: int, opts: LogitOptions) -> tuple[int, int]:
+    """(rows per chunk, vocabulary columns per slice) for one workspace of WORKSPACE_BYTES/LANES."""
+    per_lane = WORKSPACE_BYTES // LANES // 4  # fp32 elements
+    if opts.chunk_size is not None:
+        rows = min(n, opts.chunk_size)
+    else:
+        rows = min(n, max(ROW_ALIGN, per_lane // vocab // ROW_ALIGN * ROW_ALIGN))
+    cols = min(vocab, max(1, per_lane // max(rows, 1)))
+    return max(rows, 1), cols
+
+
+class _Lanes:
+    """Round-robin CUDA streams, each with its own workspace; ``shared()`` orders the updates of
+    accumulators every lane adds into (dW, db), in chunk order."""
+
+    def __init__(self, device: torch.device, elements: int, chunks: int):
+        self.main = torch.cuda.current_stream(device)
+        self.streams = [torch.cuda.Stream(device) for _ in range(min(LANES, chunks))]
+        for s in self.streams:
+            s.wait_stream(self.main)  # inputs were produced on the caller's stream
+        self.work = [torch.empty(elements, dtype=torch.float32, device=device) for _ in self.streams]
+        self.last: Optional[torch.cuda.Event] = None
+        self.i = 0
+
+    def next(self):
+        lane = self.i % len(self.streams)
+        self.i += 1
+        return self.streams[lane], self.work[lane]
+
+    def shared_begin(self, stream):
+        if self.last is not None:
+            stream.wait_event(self.last)
+
+    def shared_end(self, stream):
+        self.last = torch.cuda.Event()
+        self.last.record(stream)
+
+    def close(self):
+        for s in self.streams:
+            self.main.wait_stream(s)
+        for w in self.work:  # the workspaces were used on side streams
+            for s in self.streams:
+                w.record_stream(s)
+
+
+def _stream_id() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def _tile(work: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return work[: rows * cols].view(rows, cols)
+
+
+def _narrow_view(tile: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient logit_grad packed at the start of each fp32 row: [rows, cols] of ``dtype``."""
+    if dtype == torch.float32:
+        return tile
+    rows, cols = tile.shape
+    return tile.view(dtype).view(rows, 2 * cols)[:, :cols]  # leading dimension 2·cols
+
+
+def _gemm_logits(tile, h, w):
+    if h.dtype == torch.float32:
+        torch.mm(h, w.T, out=tile)
+    else:
+        torch.mm(h, w.T, out_dtype=torch.float32, out=tile)
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a·b with fp32 accumulation in cuBLAS (half-precision operands, fp32 acc)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    else:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
+class _Inputs:
+    """Per-call constants: contiguous operands, fp32 bias, targets with −1 for 'none'."""
+
+    def __init__(self, hidden, weight, bias, targets, opts: LogitOptions):
+        self.h, self.w = hidden.contiguous(), weight.contiguous()
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.valid, _ = target_mask(targets, weight.shape[0], opts.ignore_index)
+        self.y = torch.where(self.valid, targets, torch.full_like(targets, -1)).contiguous()
+        self.inv_temp, self.softcap = 1.0 / opts.temperature, float(opts.softcap or 0.0)
+        self.n, self.vocab = hidden.shape[0], weight.shape[0]
+        self.rows, self.cols = plan(self.n, self.vocab, opts)
+
+    def chunks(self):
+        return [slice(r, min(r + self.rows, self.n)) for r in range(0, self.n, self.rows)]
+
+    def slices(self):
+        return [slice(c, min(c + self.cols, self.vocab)) for c in range(0, self.vocab, self.cols)]
+
+    def bias_slice(self, vs: slice):
+        return None if self.bias is None else self.bias[vs]
+
+    def stats(self, tile, sl, vs, write_back, out: Partials, j: int):
+        _ext().logit_stats(tile, vs.start, self.bias_slice(vs), self.inv_temp, self.softcap, write_back,
+                           self.y[sl], out.m[j, sl], out.s[j, sl], out.t[j, sl], out.u[j, sl], out.zy[j, sl],
+                           out.argmax[j, sl], _stream_id())
+
+    def grad(self, tile, sl, vs, transformed, lse, lse_lo, coefs: RowCoefs):
+        """The gradient tile of rows ``sl`` (``lse``, ``lse_lo``, ``coefs``: those rows only)."""
+        A, B, C, D = (c.float().contiguous() for c in coefs)
+        _ext().logit_grad(tile, vs.start, self.bias_slice(vs), self.inv_temp, self.softcap, transformed, self.y[sl],
+                          lse.float().contiguous(), lse_lo.float().contiguous(), A, B, C, D, _GRAD_OUT[self.h.dtype],
+                          _stream_id())
+        return _narrow_view(tile, self.h.dtype)
+
+
+def _empty_partials(k: int, n: int, counts: list[int], device) -> Partials:
+    f32 = dict(dtype=torch.float32, device=device)
+    m, s, t, u, zy = (torch.empty(k, n, **f32) for _ in range(5))
+    count = torch.tensor(counts, **f32)[:, None]
+    return Partials(m, s, t, u, zy, torch.empty(k, n, dtype=torch.int64, device=device), count)
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+def _on_device(fn):
+    """Run ``fn`` with its first tensor's device current: kernels launch on the current device.
+    (Off CUDA, only tests/cuda_emulator.py calls in, with the kernels emulated on the CPU.)"""
+
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        if first.device.type != "cuda":
+            return fn(first, *args, **kwargs)
+        with torch.cuda.device(first.device):
+            return fn(first, *args, **kwargs)
+
+    return wrapper
+
+
+
+@_on_device
+def token_partials(hidden, weight, bias, targets, opts: LogitOptions) -> Partials:
+    x = _Inputs(hidden, weight, bias, targets, opts)
+    slices = x.slices()
+    out = _empty_partials(len(slices), x.n, [vs.stop - vs.start for vs in slices], hidden.device)
+    lanes = _Lanes(hidden.device, x.rows * x.cols, len(x.chunks()))
+    for sl in x.chunks():
+        stream, work = lanes.next()
+        with torch.cuda.stream(stream):
+            for j, vs in enumerate(slices):
+                tile = _tile(work, sl.stop - sl.start, vs.stop - vs.start)
+                _gemm_logits(tile, x.h[sl], x.w[vs])
+                x.stats(tile, sl, vs, False, out, j)
+    lanes.close()
+    return out
+
+
+@_on_device
+def token_stats(hidden, weight, bias, targets, opts: LogitOptions) -> tuple[TokenStats, torch.Tensor]:
+    valid, _ = target_mask(targets, weight.shape[0], opts.ignore_index)
+    return finish(token_partials(hidden, weight, bias, targets, opts), valid, torch.float32)
+
+
+class _Grads:
+    """dH (per chunk rows: no sharing), fp32 dW/db accumulators shared by every chunk."""
+
+    def __init__(self, x: _Inputs, weight, bias, needs):
+        f32 = dict(dtype=torch.float32, device=x.h.device)
+        self.x, self.weight, self.bias = x, weight, bias
+        self.multi = len(x.slices()) > 1  # dH sums over slices: accumulate in fp32
+        self.dh = None
+        if needs[0]:
+            self.dh = torch.zeros(x.h.shape, **f32) if self.multi else torch.empty_like(x.h)
+        self.dw = torch.zeros(weight.shape, **f32) if needs[1] else None
+        self.db = torch.zeros(weight.shape[0], **f32) if (bias is not None and needs[2]) else None
+
+    def add(self, lanes: _Lanes, stream, g, sl, vs):
+        h, w = self.x.h, self.x.w
+        if self.dh is not None:
+            if self.multi:
+                _addmm_fp32(self.dh[sl], g, w[vs])
+            else:
+                torch.mm(g, w[vs], out=self.dh[sl])
+        if self.dw is None and self.db is None:
+            return
+        lanes.shared_begin(stream)
+        if self.dw is not None:
+            _addmm_fp32(self.dw[vs], g.T, h[sl])
+        if self.db is not None:
+            self.db[vs] += g.sum(0, dtype=torch.float32)
+        lanes.shared_end(stream)
+
+    def result(self):
+        dh = None if self.dh is None else self.dh.to(self.x.h.dtype)
+        dw = None if self.dw is None else self.dw.to(self.weight.dtype)
+        db = None if self.db is None else self.db.to(self.bias.dtype)
+        return dh, dw, db
+
+
+@_on_device
+def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs: RowCoefs, needs):
+    x = _Inputs(hidden, weight, bias, targets, opts)
+    grads = _Grads(x, weight, bias, needs)
+    lanes = _Lanes(hidden.device, x.rows * x.cols, len(x.chunks()))
+    for sl in x.chunks():
+        stream, work = lanes.next()
+        with torch.cuda.stream(stream):
+            for vs in x.slices():
+                tile = _tile(work, sl.stop - sl.start, vs.stop - vs.start)
+                _gemm_logits(tile, x.h[sl], x.w[vs])
+                g = x.grad(tile, sl, vs, False, lse[sl], lse_lo[sl], coefs.rows(sl))
+                grads.add(lanes, stream, g, sl, vs)
+    lanes.close()
+    return grads.result()
+
+
+@_on_device
+def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
+    x = _Inputs(hidden, weight, bias, targets, opts)
+    if len(x.slices()) > 1:  # a row does not fit the workspace: statistics, then recompute
+        stats, lse_lo = token_stats(hidden, weight, bias, targets, opts)
+        loss, coefs = loss_coefficients(stats.logp, stats.entropy, x.valid, terms)
+        grads = (None, None, None)
+        if any(needs):
+            grads = token_stats_backward(hidden, weight, bias, targets, opts, stats.lse, lse_lo, coefs, needs)
+        return loss.sum(), stats, *grads
+
+    vs = slice(0, x.vocab)
+    grads = _Grads(x, weight, bias, needs)
+    part = _empty_partials(1, x.n, [x.vocab], hidden.device)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    out = TokenStats(*(torch.empty(x.n, **f32) for _ in range(4)), torch.empty(x.n, dtype=torch.int64,
+                                                                            device=hidden.device),
+                     torch.empty(x.n, **f32))
+    chunks = x.chunks()
+    losses = torch.empty(len(chunks), **f32)
+    lanes = _Lanes(hidden.device, x.rows * x.cols, len(x.chunks()))
+    for i, sl in enumerate(chunks):
+        stream, work = lanes.next()
+        with torch.cuda.stream(stream):
+            tile = _tile(work, sl.stop - sl.start, x.vocab)
+            _gemm_logits(tile, x.h[sl], x.w)
+            x.stats(tile, sl, vs, True, part, 0)
+            rows = Partials(*(f[:, sl] for f in part[:6]), part.count)
+            stats, lse_lo = finish(rows, x.valid[sl], torch.float32)
+            tok_loss, coefs = loss_coefficients(stats.logp, stats.entropy, x.valid[sl], terms.rows(sl))
+            torch.sum(tok_loss, 0, out=losses[i])
+            for dst, src in zip(out, stats):
+                dst[sl].copy_(src)
+            if any(needs):
+                g = x.grad(tile, sl, vs, True, stats.lse, lse_lo, coefs)
+                grads.add(lanes, stream, g, sl, vs)
+    lanes.close()
+    return losses.sum(), out, *grads.result()
+
+
+@_on_device
+def segment_sum(values, segment_ids, num_segments):
+    out = torch.zeros(num_segments, dtype=torch.float32, device=values.device)
+    _ext().segment_sum(values.float().contiguous(), segment_ids.contiguous(), out, _stream_id())
+    return out
+
+
+@_on_device
+def prg_scores(support, probe_offsets, variant, eps, tau_g):
+    traces = probe_offsets.numel() - 1
+    f32 = dict(dtype=torch.float32, device=support.device)
+    gains, scores = torch.empty(support.numel() - traces, **f32), torch.empty(traces, **f32)
+    _ext().prg_scores(support.float().contiguous(), probe_offsets.contiguous(), PRG_VARIANTS.index(variant), eps, tau_g,
+                      gains, scores, _stream_id())
+    return gains, scores

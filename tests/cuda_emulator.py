@@ -1,0 +1,131 @@
+"""The cuda backend's Python side on a CPU, with csrc/kernels emulated in torch.
+
+A second copy of hykernels/backends/cuda.py is loaded as backend "cuda_emulated", with only the
+device-bound pieces swapped: the extension (each kernel re-implemented here from the contract in
+csrc/kernels/hykernels.h, including the bf16/fp16 gradient packed in place at the start of each
+fp32 row), the two-stream lanes and the mixed-precision GEMMs. Everything else runs as written:
+chunk and vocabulary-slice planning, the merge of slice partials, the single-pass fused_loss,
+the gradient views and accumulators. So CPU CI checks that orchestration against the oracle,
+and a GPU run checks the kernels themselves (backend "cuda", same suite).
+"""
+import importlib.util
+import math
+import sys
+
+import torch
+
+from hykernels import backends
+from hykernels.backends import _segments
+
+NAME = "cuda_emulated"
+_MODULE = "hykernels.backends._cuda_emulated"
+
+
+def _transform(x, bias, inv_temp, softcap):
+    z = x if bias is None else x + bias
+    z = z * inv_temp
+    return softcap * torch.tanh(z / softcap) if softcap > 0 else z
+
+
+def _target_columns(targets, col0, cols):
+    local = targets - col0
+    hit = (local >= 0) & (local < cols)
+    return hit, local.clamp(0, cols - 1)
+
+
+class FakeExtension:
+    """csrc/kernels as torch ops, argument for argument."""
+
+    @staticmethod
+    def logit_stats(tile, col0, bias, inv_temp, softcap, write_back, targets, m, s, t, u, zy, argmax, stream):
+        z = _transform(tile, bias, inv_temp, softcap)
+        if write_back:
+            tile.copy_(z)
+        mx, am = z.max(1)
+        zs = z - mx[:, None]
+        e = torch.exp(zs)
+        hit, col = _target_columns(targets, col0, tile.shape[1])
+        for out, val in ((m, mx), (s, e.sum(1)), (t, (zs * e).sum(1)), (u, zs.sum(1)), (argmax, am + col0),
+                         (zy, torch.where(hit, z.gather(1, col[:, None])[:, 0], 0.0))):
+            out.copy_(val)
+
+    @staticmethod
+    def logit_grad(tile, col0, bias, inv_temp, softcap, transformed, targets, lse, lse_lo, A, B, C, D, out_kind,
+                   stream):
+        z = tile.clone() if transformed else _transform(tile, bias, inv_temp, softcap)
+        logp = (z - lse[:, None]) - lse_lo[:, None]
+        g = torch.exp(logp) * (A[:, None] + B[:, None] * logp) + D[:, None]
+        hit, col = _target_columns(targets, col0, tile.shape[1])
+        g.scatter_add_(1, col[:, None], torch.where(hit, C, 0.0)[:, None])
+        if softcap > 0:
+            g = g * (1 - (z / softcap) ** 2)
+        g = g * inv_temp
+        if out_kind == 0:
+            tile.copy_(g)
+        else:  # element j of row r at byte 2j of fp32 row r
+            dtype = (torch.bfloat16, torch.float16)[out_kind - 1]
+            tile.view(dtype)[:, : tile.shape[1]].copy_(g.to(dtype))
+
+    @staticmethod
+    def segment_sum(values, ids, out, stream):
+        out.copy_(_segments.segment_sum(values, ids, out.numel()))
+
+    @staticmethod
+    def prg_scores(support, offsets, variant, eps, tau_g, gains, scores, stream):
+        from hykernels._types import PRG_VARIANTS
+
+        g, sc = _segments.prg_scores(support, offsets, PRG_VARIANTS[variant], eps, tau_g)
+        gains.copy_(g)
+        scores.copy_(sc)
+
+
+class SerialLanes:
+    """One CPU 'stream': chunks run in order, so ordering needs no events."""
+
+    def __init__(self, device, elements, chunks):
+        self.work = torch.empty(elements, dtype=torch.float32, device=device)
+
+    def next(self):
+        return None, self.work  # torch.cuda.stream(None) is a no-op
+
+    def shared_begin(self, stream):
+        pass
+
+    def shared_end(self, stream):
+        pass
+
+    def close(self):
+        pass
+
+
+def _gemm_logits(tile, h, w):
+    tile.copy_(h.float() @ w.float().T)  # fp32 accumulation, as cuBLAS with an fp32 output
+
+
+def _addmm_fp32(acc, a, b):
+    acc += a.float() @ b.float()
+
+
+def load():
+    """Register the emulated backend (once) and return its module."""
+    if _MODULE in sys.modules:
+        return sys.modules[_MODULE]
+    spec = importlib.util.spec_from_file_location(_MODULE, backends._load("torch_chunked").__file__.replace(
+        "torch_chunked.py", "cuda.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[_MODULE] = mod
+    spec.loader.exec_module(mod)
+    mod.NAME = NAME
+    mod._ext = lambda: FakeExtension
+    mod._Lanes = SerialLanes
+    mod._stream_id = lambda: 0
+    mod._gemm_logits = _gemm_logits
+    mod._addmm_fp32 = _addmm_fp32
+    mod.availability = lambda device: None if device.type == "cpu" else "the emulation runs on CPU tensors"
+    backends._MODULES[NAME] = _MODULE
+    return mod
+
+
+def sliced_workspace(rows: int, vocab: int, slices: int) -> int:
+    """WORKSPACE_BYTES that makes ``rows``-row chunks walk about ``slices`` vocabulary slices."""
+    return 2 * 4 * rows * math.ceil(vocab / slices)
