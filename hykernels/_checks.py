@@ -66,9 +66,10 @@ def _positive(name: str, value, allow_none: bool = False) -> Optional[float]:
     return float(value)
 
 
-def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index, chunk_size):
+def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index, chunk_size, vocab=None):
     """Validate the inputs every op shares. Returns (hidden [N, D], targets [N] int64,
-    bias, leading shape, LogitOptions). ``targets`` may be None (no targets: all rows ignored)."""
+    bias, leading shape, LogitOptions). ``targets`` may be None (no targets: all rows ignored).
+    ``vocab``: the whole vocabulary when weight is one rank's slice (targets are global ids)."""
     hidden, weight = _tensor("hidden", hidden), _tensor("weight", weight)
     _float_dtype("hidden", hidden)
     if hidden.dim() < 2:
@@ -82,7 +83,7 @@ def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, igno
     lead, dim = tuple(hidden.shape[:-1]), hidden.shape[-1]
     if weight.shape[1] != dim:
         raise ValueError(f"weight: expected shape [V, {dim}] (D from hidden), got {tuple(weight.shape)}")
-    vocab = weight.shape[0]
+    full_vocab, vocab = vocab, weight.shape[0]
     if vocab == 0 or dim == 0:
         raise ValueError(f"weight: expected V > 0 and D > 0, got shape {tuple(weight.shape)}")
     if math.prod(lead) == 0:
@@ -114,7 +115,7 @@ def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, igno
     hidden2d = hidden.reshape(-1, dim)
     targets1d = targets.reshape(-1).long()
     if _value_checks:
-        _check_values(hidden2d, weight, bias, targets1d, vocab, ignore_index)
+        _check_values(hidden2d, weight, bias, targets1d, vocab if full_vocab is None else full_vocab, ignore_index)
     return hidden2d, targets1d, bias, lead, opts
 
 

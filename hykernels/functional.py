@@ -14,16 +14,17 @@ import torch
 from . import backends
 from ._checks import (check_logit_inputs, check_loss_terms, check_prg_inputs, check_span_counts, check_spans,
                       target_mask)
+from ._distributed import VocabParallel, check_replicated, shard_of
 from ._grad import stats_coefficients
 from ._types import LogitOptions, LossTerms, PRGResult, TokenStats
 
 
 class _TokenStatsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: LogitOptions, backend):
+    def forward(ctx, hidden, weight, bias, targets, opts: LogitOptions, backend, vocab: int):
         stats, lse_lo = backend.token_stats(hidden, weight, bias, targets, opts)
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, lse_lo, stats.entropy)
-        ctx.opts, ctx.backend = opts, backend
+        ctx.opts, ctx.backend, ctx.vocab = opts, backend, vocab
         ctx.mark_non_differentiable(stats.confidence, stats.argmax)
         ctx.set_materialize_grads(False)
         return tuple(stats)
@@ -34,12 +35,12 @@ class _TokenStatsFn(torch.autograd.Function):
         hidden, weight, bias, targets, lse, lse_lo, entropy = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if not any(needs) or all(g is None for g in (g_logp, g_entropy, g_sc, g_lse)):
-            return None, None, None, None, None, None
-        valid, _ = target_mask(targets, weight.shape[0], ctx.opts.ignore_index)
-        coefs = stats_coefficients(g_logp, g_lse, g_entropy, g_sc, entropy, valid, weight.shape[0])
+            return None, None, None, None, None, None, None
+        valid, _ = target_mask(targets, ctx.vocab, ctx.opts.ignore_index)
+        coefs = stats_coefficients(g_logp, g_lse, g_entropy, g_sc, entropy, valid, ctx.vocab)
         dh, dw, db = ctx.backend.token_stats_backward(hidden, weight, bias, targets, ctx.opts, lse, lse_lo,
                                                       coefs, needs)
-        return dh, dw, db, None, None, None
+        return dh, dw, db, None, None, None, None
 
 
 class _FusedLossFn(torch.autograd.Function):
@@ -74,6 +75,22 @@ class _SegmentSumFn(torch.autograd.Function):
         return g_out[segment_ids], None, None, None  # each row gets its segment's gradient
 
 
+def _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, chunk_size, backend,
+             process_group):
+    """Validate once and pick the backend: (hidden [N, D], weight, targets [N], bias, leading shape,
+    LogitOptions, backend, V). With a vocabulary-sharded weight (``process_group`` or a Shard(0)
+    DTensor) weight and bias are this rank's slice, V the whole vocabulary, and the backend is
+    wrapped to combine the ranks (hykernels/_distributed.py)."""
+    hidden, weight, bias, shard = shard_of(hidden, weight, bias, process_group)
+    h, y, bias, lead, opts = check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index,
+                                                chunk_size, vocab=None if shard is None else shard.vocab)
+    impl = backends.resolve(backend, h.device, h.dtype)
+    if shard is None:
+        return h, weight, y, bias, lead, opts, impl, weight.shape[0]
+    check_replicated(h, y, shard)
+    return h, weight, y, bias, lead, opts, VocabParallel(impl, shard), shard.vocab
+
+
 def token_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -85,6 +102,7 @@ def token_stats(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    process_group=None,
 ) -> TokenStats:
     """Per-token statistics of the logits z = s((hidden·weightᵀ + bias)/temperature), without
     holding the [N, V] logits (hytuning.md §2).
@@ -93,11 +111,15 @@ def token_stats(
     Returns TokenStats(logp, entropy, self_certainty, confidence, argmax, lse), each shaped like
     targets, fp32 (fp64 for fp64 inputs). logp, entropy, self_certainty and lse are differentiable
     w.r.t. hidden, weight and bias; rows without a target have logp = 0 and no gradient through it.
+
+    Vocabulary-parallel: with ``process_group`` (or a weight given as a DTensor sharded on dim 0)
+    weight and bias are this rank's slice of the vocabulary, hidden and targets (global ids) the
+    same on every rank; the statistics are those of the whole vocabulary on every rank, the
+    hidden gradient is summed across the group and each rank gets its own slice's weight gradient.
     """
-    h, y, bias, lead, opts = check_logit_inputs(hidden, weight, targets, bias, temperature, softcap,
-                                                ignore_index, chunk_size)
-    impl = backends.resolve(backend, h.device, h.dtype)
-    stats = _TokenStatsFn.apply(h, weight, bias, y, opts, impl)
+    h, w, y, bias, lead, opts, impl, vocab = _prepare(hidden, weight, targets, bias, temperature, softcap,
+                                                      ignore_index, chunk_size, backend, process_group)
+    stats = _TokenStatsFn.apply(h, w, bias, y, opts, impl, vocab)
     return TokenStats(*stats).reshape(lead)
 
 
@@ -120,6 +142,7 @@ def fused_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    process_group=None,
 ) -> tuple[torch.Tensor, TokenStats]:
     """The weighted RD + RLIF loss of hytuning.md §5, L = Σ_t ℓ_t with
 
@@ -133,15 +156,16 @@ def fused_loss(
 
     Gradients w.r.t. hidden, weight and bias are formed in the forward pass (no logits
     recompute) and held until backward. Returns (loss, TokenStats) with the statistics detached.
+    ``process_group``: vocabulary-parallel, as for token_stats (the loss is the same on every rank;
+    the gradients are formed in forward by a statistics pass and a recompute pass, 8·N·D·V/P).
     """
-    h, y, bias, lead, opts = check_logit_inputs(hidden, weight, targets, bias, temperature, softcap,
-                                                ignore_index, chunk_size)
+    h, w, y, bias, lead, opts, impl, _ = _prepare(hidden, weight, targets, bias, temperature, softcap,
+                                                  ignore_index, chunk_size, backend, process_group)
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     terms = check_loss_terms(lead, h.device, dtype, rd_weight=rd_weight, rlif_weight=rlif_weight,
                              advantages=advantages, old_logp=old_logp, ref_logp=ref_logp,
                              kl_weight=kl_weight, entropy_weight=entropy_weight, clip_eps=clip_eps)
-    impl = backends.resolve(backend, h.device, h.dtype)
-    loss, *stats = _FusedLossFn.apply(h, weight, bias, y, opts, terms, impl, torch.is_grad_enabled())
+    loss, *stats = _FusedLossFn.apply(h, w, bias, y, opts, terms, impl, torch.is_grad_enabled())
     return loss, TokenStats(*stats).reshape(lead)
 
 
@@ -159,6 +183,7 @@ def answer_span_logprobs(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    process_group=None,
 ) -> torch.Tensor:
     """Answer log-probability per span: the support c of hytuning.md §3.
 
@@ -169,15 +194,14 @@ def answer_span_logprobs(
     checks off an empty span's mean is NaN). Rows without a target add nothing. Differentiable
     w.r.t. hidden, weight and bias; the backward gathers each span's gradient to its rows.
     """
-    h, y, bias, lead, opts = check_logit_inputs(hidden, weight, targets, bias, temperature, softcap,
-                                                ignore_index, chunk_size)
+    h, w, y, bias, lead, opts, impl, vocab = _prepare(hidden, weight, targets, bias, temperature, softcap,
+                                                      ignore_index, chunk_size, backend, process_group)
     ids, in_range = check_spans(span_ids, num_spans, reduce, lead, h.device)
-    impl = backends.resolve(backend, h.device, h.dtype)
     if reduce == "mean":  # counted before the lm_head runs, so an empty span fails fast
-        valid, _ = target_mask(y, weight.shape[0], opts.ignore_index)
+        valid, _ = target_mask(y, vocab, opts.ignore_index)
         counts = impl.segment_sum((valid & in_range).float(), ids, num_spans)
         check_span_counts(counts)
-    logp = _TokenStatsFn.apply(h, weight, bias, y, opts, impl)[0]
+    logp = _TokenStatsFn.apply(h, w, bias, y, opts, impl, vocab)[0]
     span_sum = _SegmentSumFn.apply(torch.where(in_range, logp, 0.0), ids, num_spans, impl)
     return span_sum / counts if reduce == "mean" else span_sum
 

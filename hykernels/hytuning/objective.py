@@ -94,7 +94,8 @@ def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, r
     old_logp is given), plus kl_coef and entropy_coef terms on RLIF tokens with the same
     normalisation. T_* count target tokens; a kind with none contributes nothing. ``lam``
     overrides the mix (HyTuningLoss passes its EMA). ``logit_kwargs``: bias, temperature,
-    softcap, ignore_index, backend, chunk_size as for fused_loss. Returns (loss, HyTuningOutput).
+    softcap, ignore_index, backend, chunk_size, process_group (vocabulary-parallel weight) as for
+    fused_loss. Returns (loss, HyTuningOutput).
     """
     config = config or HyTuningConfig()
     seqs = check_sequence_inputs(targets, seq_ids, prg=prg, is_rd=is_rd, advantages=advantages,
