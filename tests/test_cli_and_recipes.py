@@ -105,3 +105,12 @@ def test_trl_grpo_hooks_equal_trl_and_train(monkeypatch, tmp_path):
     trainer.train()
     _logged_losses(trainer)
     assert trainer.state.log_history[0]["rewards/self_certainty/mean"] > 0
+
+
+def test_vocab_parallel_torchrun_recipe_matches_single_process():
+    """python/vocab_parallel_torchrun.py under torchrun, 2 CPU ranks (gloo): the sharded lm_head
+    trains exactly like the single-process model."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "python/vocab_parallel_torchrun.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "ok", r.stdout
