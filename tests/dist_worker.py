@@ -126,6 +126,22 @@ def run(rank: int, world: int, init_file: str, backend: str, out_dir: str) -> No
         pl.append((loss.detach(), ww.grad))
     res.update({"prg_loss.loss": diff(pl[0][0], pl[1][0]), "prg_loss.dw": diff(pl[0][1][sl], pl[1][1])})
 
+    # the collectives of one vocab-parallel fused_loss call, for bench/COMM.md's count
+    calls, orig_ar, orig_ag = [], dist.all_reduce, dist.all_gather
+
+    def all_reduce(t, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        calls.append(["all_reduce", str(op).split(".")[-1], t.numel()])
+        return orig_ar(t, op=op, group=group, async_op=async_op)
+
+    def all_gather(outs, t, group=None, async_op=False):
+        calls.append(["all_gather", None, t.numel() * len(outs)])
+        return orig_ag(outs, t, group=group, async_op=async_op)
+
+    dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    hh, ww = leaves(h, lw)
+    hk.fused_loss(hh, ww, y, rd_weight=1.0 / N, backend=backend, process_group=group)[0].backward()
+    dist.all_reduce, dist.all_gather = orig_ar, orig_ag
+
     # bad calls: a clear error on every rank, no hang
     def expect_error(name, fn):
         try:
@@ -143,7 +159,7 @@ def run(rank: int, world: int, init_file: str, backend: str, out_dir: str) -> No
     expect_error("target_range", lambda: hk.token_stats(h, lw, bad, backend=backend, process_group=group))
 
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"diffs": res, "errors": errors, "local_vocab": lw.shape[0]}, f)
+        json.dump({"diffs": res, "errors": errors, "local_vocab": lw.shape[0], "collectives": calls}, f)
     dist.destroy_process_group()
 
 

@@ -2,6 +2,7 @@
 neither, each rank holding its slice of the lm_head; statistics, losses and gradients equal the
 single-process computation (tests/dist_worker.py does the work on each rank)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,3 +64,16 @@ def test_bad_calls_fail_clearly_on_every_rank(ranks, case, message):
     world, results = ranks
     for r in results:
         assert r["errors"][case].startswith(message), r["errors"][case]
+
+
+def test_collectives_are_those_bench_comm_counts(ranks):
+    """bench/COMM.md's byte counts come from bench/comm_volume.py's list of collectives: the
+    implementation issues exactly those (ops and element counts) for one fused_loss step."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from comm_volume import schemes
+
+    world, results = ranks
+    n, d, v = 29, 16, 103
+    want = sorted([c["kind"], c["op"], math.prod(c["shape"])] for c in schemes(n, d, v, world)["hykernels_fused_loss"])
+    for r in results:
+        assert sorted(r["collectives"], key=str) == sorted(want, key=str)
