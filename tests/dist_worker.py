@@ -160,8 +160,13 @@ def run(rank: int, world: int, init_file: str, backend: str, out_dir: str) -> No
 
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"diffs": res, "errors": errors, "local_vocab": lw.shape[0], "collectives": calls}, f)
+    dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     run(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+    sys.stdout.flush()
+    # Skip interpreter teardown: a gloo/Triton-interpreter thread torn down at exit can abort
+    # ("terminate called without an active exception") after all the work is written.
+    os._exit(0)
