@@ -83,7 +83,8 @@ def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, igno
     lead, dim = tuple(hidden.shape[:-1]), hidden.shape[-1]
     if weight.shape[1] != dim:
         raise ValueError(f"weight: expected shape [V, {dim}] (D from hidden), got {tuple(weight.shape)}")
-    full_vocab, vocab = vocab, weight.shape[0]
+    targets_vocab = weight.shape[0] if vocab is None else vocab  # what target ids index
+    vocab = weight.shape[0]
     if vocab == 0 or dim == 0:
         raise ValueError(f"weight: expected V > 0 and D > 0, got shape {tuple(weight.shape)}")
     if math.prod(lead) == 0:
@@ -115,7 +116,7 @@ def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, igno
     hidden2d = hidden.reshape(-1, dim)
     targets1d = targets.reshape(-1).long()
     if _value_checks:
-        _check_values(hidden2d, weight, bias, targets1d, vocab if full_vocab is None else full_vocab, ignore_index)
+        _check_values(hidden2d, weight, bias, targets1d, targets_vocab, ignore_index)
     return hidden2d, targets1d, bias, lead, opts
 
 

@@ -20,14 +20,13 @@ catches an FSDP2-sharded weight passed where a tensor-parallel one was meant.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
 from ._checks import checks_enabled, target_mask
-from ._grad import loss_coefficients
+from ._grad import loss_by_recompute
 from ._partials import all_reduce, finish
 from ._types import LogitOptions, LossTerms, RowCoefs, TokenStats
+from .backends._dense import stat_dtype
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ class VocabParallel:
         parts = self.impl.token_partials(hidden, weight, bias, local, opts)
         parts = all_reduce(parts._replace(argmax=parts.argmax + self.shard.offset), self.shard.vocab, self.shard.group)
         valid, _ = target_mask(targets, self.shard.vocab, opts.ignore_index)
-        return finish(parts, valid, torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        return finish(parts, valid, stat_dtype(hidden.dtype))
 
     def token_stats_backward(self, hidden, weight, bias, targets, opts, lse, lse_lo, coefs: RowCoefs, needs):
         import torch.distributed as dist
@@ -153,13 +152,8 @@ class VocabParallel:
         return dh, dw, db
 
     def fused_loss(self, hidden, weight, bias, targets, opts, terms: LossTerms, needs):
-        stats, lse_lo = self.token_stats(hidden, weight, bias, targets, opts)
-        valid, _ = target_mask(targets, self.shard.vocab, opts.ignore_index)
-        loss, coefs = loss_coefficients(stats.logp, stats.entropy, valid, terms)
-        grads: tuple[Optional[torch.Tensor], ...] = (None, None, None)
-        if any(needs):
-            grads = self.token_stats_backward(hidden, weight, bias, targets, opts, stats.lse, lse_lo, coefs, needs)
-        return loss.sum(), stats, *grads
+        return loss_by_recompute(self.token_stats, self.token_stats_backward, hidden, weight, bias, targets, opts,
+                                 terms, needs, self.shard.vocab)
 
     def segment_sum(self, values, segment_ids, num_segments):
         return self.impl.segment_sum(values, segment_ids, num_segments)

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ._checks import target_mask
 from ._types import LossTerms, RowCoefs
 
 
@@ -101,3 +102,17 @@ def loss_coefficients(
     coefs = RowCoefs(A=-g_logp - g_ent * entropy, B=-g_ent, C=g_logp, D=zero)
     return loss, coefs
 
+
+def loss_by_recompute(token_stats, token_stats_backward, hidden, weight, bias, targets, opts, terms: LossTerms,
+                      needs, vocab: int):
+    """fused_loss for a path that keeps no logits between passes (a backend's interface, given its
+    token_stats and token_stats_backward): the statistics pass, the §5 coefficients above, then
+    the §2 backward recomputing the logits, all in the forward call (8·N·D·V FLOPs). ``vocab``:
+    the vocabulary the targets index (the whole one when weight is a vocab-parallel slice)."""
+    stats, lse_lo = token_stats(hidden, weight, bias, targets, opts)
+    valid, _ = target_mask(targets, vocab, opts.ignore_index)
+    loss, coefs = loss_coefficients(stats.logp, stats.entropy, valid, terms)
+    grads = (None, None, None)
+    if any(needs):
+        grads = token_stats_backward(hidden, weight, bias, targets, opts, stats.lse, lse_lo, coefs, needs)
+    return loss.sum(), stats, *grads

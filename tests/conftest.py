@@ -49,7 +49,7 @@ def small_blocks(request, monkeypatch):
         from cases import SHAPES
         from cuda_emulator import sliced_workspace
 
-        n, _, vocab, *_, chunk = SHAPES[params["shape"]]
+        _, _, vocab, *_, chunk = SHAPES[params["shape"]]
         module = backends._load(params["backend"])
         monkeypatch.setattr(module, "WORKSPACE_BYTES", sliced_workspace(chunk, vocab, slices=3))
 

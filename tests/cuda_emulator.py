@@ -110,8 +110,7 @@ def load():
     """Register the emulated backend (once) and return its module."""
     if _MODULE in sys.modules:
         return sys.modules[_MODULE]
-    spec = importlib.util.spec_from_file_location(_MODULE, backends._load("torch_chunked").__file__.replace(
-        "torch_chunked.py", "cuda.py"))
+    spec = importlib.util.spec_from_file_location(_MODULE, importlib.util.find_spec("hykernels.backends.cuda").origin)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[_MODULE] = mod
     spec.loader.exec_module(mod)

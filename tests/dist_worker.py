@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 import hykernels as hk
-from hykernels.hytuning import HyTuningConfig  # noqa: F401  (prg_loss's defaults)
 
 N, D, V = 29, 16, 103  # V divisible by neither 2 nor 3
 

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from .._checks import target_mask
-from .._grad import loss_coefficients
+from .._grad import loss_by_recompute, loss_coefficients
 from .._partials import Partials, finish
 from .._types import PRG_VARIANTS, LogitOptions, LossTerms, RowCoefs, TokenStats
 
@@ -82,6 +82,7 @@ def _ext():
     return _state["ext"]
 
 
+@functools.lru_cache(maxsize=None)
 def _has_fp32_output_gemm() -> bool:
     """torch.mm(bf16, bf16, out_dtype=torch.float32): cuBLAS with an fp32 output (torch 2.8+)."""
     return any("out_dtype" in str(s) for s in torch._C._jit_get_schemas_for_operator("aten::mm"))
@@ -116,8 +117,8 @@ def plan(n: int, vocab: int, opts: LogitOptions) -> tuple[int, int]:
 
 
 class _Lanes:
-    """Round-robin CUDA streams, each with its own workspace; ``shared()`` orders the updates of
-    accumulators every lane adds into (dW, db), in chunk order."""
+    """Round-robin CUDA streams, each with its own workspace; ``shared_begin``/``shared_end``
+    bracket the updates of accumulators every lane adds into (dW, db), chaining them in chunk order."""
 
     def __init__(self, device: torch.device, elements: int, chunks: int):
         self.main = torch.cuda.current_stream(device)
@@ -239,7 +240,6 @@ def _on_device(fn):
     return wrapper
 
 
-
 @_on_device
 def token_partials(hidden, weight, bias, targets, opts: LogitOptions) -> Partials:
     x = _Inputs(hidden, weight, bias, targets, opts)
@@ -320,12 +320,8 @@ def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs
 def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
     x = _Inputs(hidden, weight, bias, targets, opts)
     if len(x.slices()) > 1:  # a row does not fit the workspace: statistics, then recompute
-        stats, lse_lo = token_stats(hidden, weight, bias, targets, opts)
-        loss, coefs = loss_coefficients(stats.logp, stats.entropy, x.valid, terms)
-        grads = (None, None, None)
-        if any(needs):
-            grads = token_stats_backward(hidden, weight, bias, targets, opts, stats.lse, lse_lo, coefs, needs)
-        return loss.sum(), stats, *grads
+        return loss_by_recompute(token_stats, token_stats_backward, hidden, weight, bias, targets, opts, terms,
+                                 needs, x.vocab)
 
     vs = slice(0, x.vocab)
     grads = _Grads(x, weight, bias, needs)

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from ..._checks import target_mask
-from ..._grad import loss_coefficients
+from ..._grad import loss_by_recompute
 from ..._partials import Partials, finish, slice_counts
 from ..._types import PRG_VARIANTS, LogitOptions, LossTerms, RowCoefs, TokenStats
 from .. import _dense
@@ -167,13 +167,8 @@ def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs
 
 
 def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
-    stats, lse_lo = token_stats(hidden, weight, bias, targets, opts)
-    valid, _ = target_mask(targets, weight.shape[0], opts.ignore_index)
-    loss, coefs = loss_coefficients(stats.logp, stats.entropy, valid, terms)
-    grads = (None, None, None)
-    if any(needs):
-        grads = token_stats_backward(hidden, weight, bias, targets, opts, stats.lse, lse_lo, coefs, needs)
-    return loss.sum(), stats, *grads
+    return loss_by_recompute(token_stats, token_stats_backward, hidden, weight, bias, targets, opts, terms, needs,
+                             weight.shape[0])
 
 
 SEGMENT_BLOCK = 1024  # values per segment_sum program
