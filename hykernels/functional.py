@@ -57,8 +57,15 @@ class _FusedLossFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_loss, *_unused_stats_grads):
-        # Gradients were formed in forward; the chain rule only scales them.
-        scaled = [None if g is None else g * g_loss.to(g.dtype) for g in ctx.saved_tensors]
+        # Gradients were formed in forward; the chain rule only scales them, in place: a copy would
+        # add a dW-sized buffer (2.5 GB fp32 at V=151936, D=4096) exactly when memory peaks.
+        # In-place scaling consumes them, so a second backward (retain_graph=True) is refused.
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("fused_loss: backward ran twice through the same loss (retain_graph=True); its "
+                               "gradients are formed in forward and scaled in place by the first backward. "
+                               "Call fused_loss again for a second backward.")
+        ctx.consumed = True
+        scaled = [None if g is None else g.mul_(g_loss.to(g.dtype)) for g in ctx.saved_tensors]
         return (*scaled, None, None, None, None, None)
 
 
