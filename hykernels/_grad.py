@@ -9,6 +9,7 @@ both ~|z|; here entropy contributes A = −g·H, B = −g). This module turns up
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -116,3 +117,27 @@ def loss_by_recompute(token_stats, token_stats_backward, hidden, weight, bias, t
     if any(needs):
         grads = token_stats_backward(hidden, weight, bias, targets, opts, stats.lse, lse_lo, coefs, needs)
     return loss.sum(), stats, *grads
+
+
+# Scaled fp16 gradient tiles stay below this: full fp16 precision down to 2^-24 of it, and room
+# for a product with the weight (|S·dH| ≲ FP16_GRAD_BOUND·(2 + log V)·max|W|) below fp16's 65504.
+FP16_GRAD_BOUND = 2.0**10
+
+
+def grad_bound(coefs: RowCoefs, inv_temp: float) -> torch.Tensor:
+    """A bound on |G| over the rows of ``coefs``: |G_v| ≤ (|A| + |B|/e + |C| + |D|)/τ, since
+    p_v ≤ 1, p_v·|log p_v| ≤ 1/e and the softcap slope s′ ≤ 1."""
+    A, B, C, D = coefs
+    return (A.abs() + B.abs() / math.e + C.abs() + D.abs()).max() * inv_temp
+
+
+def fp16_grad_scale(bound: torch.Tensor) -> float:
+    """A power of two S for gradient tiles that are narrowed to fp16 before their GEMMs, so that
+    S·|G| ≤ ``bound``·S ≤ FP16_GRAD_BOUND. Unscaled, p·coefficient products under fp16's 6e-8 flush
+    to zero: with 1/T weights of a 16k-token batch that is every p below ~1e-3, and dH/dW lose the
+    softmax part of the gradient. Backends multiply the tile (or the coefficients: G is linear in
+    them) by S and divide the fp32 results by S. One host sync; bf16 has fp32's range, skips it."""
+    b = float(bound.max().item()) if bound.numel() else 0.0
+    if not (b > 0.0 and math.isfinite(b)):
+        return 1.0
+    return 2.0 ** max(-64, min(64, math.floor(math.log2(FP16_GRAD_BOUND / b))))

@@ -42,9 +42,10 @@ def slice_counts(vocab: int, width: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _rebase(p: Partials, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    shift = p.m - mx  # ≤ 0
+    shift = p.m - mx  # ≤ 0; −inf for a slice whose entries are all −inf (masked): s = t = 0
     w = torch.exp(shift)
-    return w * p.s, w * (p.t + shift * p.s), p.u + p.count * shift
+    t = torch.where(p.s == 0, 0.0, w * (p.t + shift * p.s))  # never −inf·0
+    return w * p.s, t, p.u + p.count * shift
 
 
 def combine(p: Partials) -> Partials:

@@ -42,10 +42,11 @@ class FakeExtension:
         if write_back:
             tile.copy_(z)
         mx, am = z.max(1)
-        zs = z - mx[:, None]
+        zs = z - torch.where(mx == float("-inf"), 0.0, mx)[:, None]  # an all −inf row: zs = −inf, not NaN
         e = torch.exp(zs)
         hit, col = _target_columns(targets, col0, tile.shape[1])
-        for out, val in ((m, mx), (s, e.sum(1)), (t, (zs * e).sum(1)), (u, zs.sum(1)), (argmax, am + col0),
+        t_sum = torch.where(e == 0, 0.0, zs * e).sum(1)  # e = 0: nothing, never −inf·0
+        for out, val in ((m, mx), (s, e.sum(1)), (t, t_sum), (u, zs.sum(1)), (argmax, am + col0),
                          (zy, torch.where(hit, z.gather(1, col[:, None])[:, 0], 0.0))):
             out.copy_(val)
 
@@ -54,7 +55,8 @@ class FakeExtension:
                    stream):
         z = tile.clone() if transformed else _transform(tile, bias, inv_temp, softcap)
         logp = (z - lse[:, None]) - lse_lo[:, None]
-        g = torch.exp(logp) * (A[:, None] + B[:, None] * logp) + D[:, None]
+        p = torch.exp(logp)
+        g = torch.where(p == 0, 0.0, p * (A[:, None] + B[:, None] * logp)) + D[:, None]
         hit, col = _target_columns(targets, col0, tile.shape[1])
         g.scatter_add_(1, col[:, None], torch.where(hit, C, 0.0)[:, None])
         if softcap > 0:
@@ -102,8 +104,8 @@ def _gemm_logits(tile, h, w):
     tile.copy_(h.float() @ w.float().T)  # fp32 accumulation, as cuBLAS with an fp32 output
 
 
-def _addmm_fp32(acc, a, b):
-    acc += a.float() @ b.float()
+def _addmm_fp32(acc, a, b, alpha=1.0):
+    acc.add_(a.float() @ b.float(), alpha=alpha)
 
 
 def load():

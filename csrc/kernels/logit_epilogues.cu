@@ -25,6 +25,9 @@ __device__ __forceinline__ float transform(float x, int64_t j, const LogitTransf
 }
 
 // Online-softmax state of part of a row (see hykernels/_partials.py): sums relative to m.
+// A masked logit (z = −inf, e.g. a −inf bias entry) contributes exactly nothing to s and t
+// (e = 0, and p·(z − m) is taken as 0, never −inf·0 = NaN); u = Σ(z − m) becomes −inf, so the
+// row's self-certainty is +inf, as on materialised logits. A NaN logit still propagates.
 struct RowState {
   float m, s, t, u, n, zy;  // n: entries folded in (float: only used to rebase u)
   int64_t arg;
@@ -35,12 +38,13 @@ struct RowState {
     arg = INT64_MAX;
   }
 
-  // Rebase the sums from m to mx ≥ m. An empty state (n = 0) stays all zero, never −inf·0.
+  // Rebase the sums from m to mx ≥ m. An empty state (n = 0), or one that has seen only −inf
+  // (s = t = 0, shift = −inf), keeps s = t = 0, never −inf·0.
   __device__ void rebase(float mx) {
     if (n == 0.f || mx == m) return;
     const float shift = m - mx;
     const float a = expf(shift);
-    t = a * (t + shift * s);
+    t = s == 0.f ? 0.f : a * (t + shift * s);
     s *= a;
     u += n * shift;
     m = mx;
@@ -52,10 +56,11 @@ struct RowState {
       m = z;
       arg = col;
     }
-    const float zs = z - m;  // NaN propagates into s, t, u
+    // z = m = −inf (only masked entries so far): zs = −inf, not −inf − (−inf) = NaN.
+    const float zs = (z == -INFINITY) ? -INFINITY : z - m;  // NaN propagates into s, t, u
     const float e = expf(zs);
     s += e;
-    t += zs * e;
+    if (e != 0.f) t += zs * e;
     u += zs;
     n += 1.f;
   }
@@ -161,7 +166,8 @@ __global__ void __launch_bounds__(kThreads) logit_grad_kernel(
       if (j >= cols) break;
       const float x = transformed ? z[j] : transform(z[j], j, tf);
       const float logp = (x - hi) - lo;
-      float gv = expf(logp) * (a + b * logp) + d;
+      const float p = expf(logp);
+      float gv = (p == 0.f ? 0.f : p * (a + b * logp)) + d;  // a masked logit: p = 0, never −inf·0
       if (j == y) gv += c;
       if (tf.softcap > 0.f) {
         const float r = x / tf.softcap;

@@ -51,7 +51,7 @@ def row_stats(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> tu
     zs = z - zmax[:, None]
     lse_s = torch.logsumexp(zs, dim=-1)
     p = torch.exp(zs - lse_s[:, None])
-    entropy = lse_s - (p * zs).sum(-1)
+    entropy = lse_s - _p_times(p, zs).sum(-1)
     self_certainty = lse_s - zs.mean(-1) - math.log(z.shape[-1])
     lse = lse_s + zmax
     lse_lo = lse_s - (lse - zmax)  # Fast2Sum: exact while |zmax| >= lse_s
@@ -61,15 +61,24 @@ def row_stats(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> tu
     return TokenStats(logp, entropy, self_certainty, confidence, argmax, lse), lse_lo
 
 
+def _p_times(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """p·x with p·x = 0 wherever p = 0: a masked logit (z = −inf, e.g. a −inf bias entry) has
+    x = z − m = −inf or log p = −inf and must contribute nothing, not −inf·0 = NaN. A NaN input
+    still propagates (its p is NaN, not 0)."""
+    return (p * x).masked_fill_(p == 0, 0.0)
+
+
 def row_partials(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> Partials:
     """The tile's online-softmax partials (hykernels/_partials.py) as one slice: what a rank
-    holding these vocabulary columns contributes to a vocab-parallel reduction."""
+    holding these vocabulary columns contributes to a vocab-parallel reduction. A row whose
+    slice is all −inf has m = −inf, s = t = 0 (it is shifted by 0, not by its −inf max)."""
     m, argmax = z.max(-1)
-    zs = z - m[:, None]
+    zs = z - torch.where(m == float("-inf"), 0.0, m)[:, None]
     e = torch.exp(zs)
     zy = torch.where(valid, z.gather(1, targets[:, None]).squeeze(1), torch.zeros_like(m))
     count = torch.full((1, 1), z.shape[-1], dtype=z.dtype, device=z.device)
-    return Partials(m[None], e.sum(-1)[None], (zs * e).sum(-1)[None], zs.sum(-1)[None], zy[None], argmax[None], count)
+    return Partials(m[None], e.sum(-1)[None], _p_times(e, zs).sum(-1)[None], zs.sum(-1)[None], zy[None],
+                    argmax[None], count)
 
 
 def logits_grad(
@@ -87,7 +96,7 @@ def logits_grad(
         cap_slope = 1.0 - (z / opts.softcap).square_()
     logp = z.sub_(lse[:, None]).sub_(lse_lo[:, None])
     p = torch.exp(logp)
-    g = logp.mul_(B).add_(A).mul_(p).add_(D)
+    g = logp.mul_(B).add_(A).mul_(p).masked_fill_(p == 0, 0.0).add_(D)  # p = 0: no −inf·0 (see _p_times)
     del p
     g.scatter_add_(1, targets[:, None], C)
     if cap_slope is not None:

@@ -3,7 +3,7 @@
 Per token chunk, ``torch.mm`` writes the chunk's logits (fp32 output, input-dtype operands) into
 a workspace tile; csrc/kernels/logit_epilogues.cu then reads the tile once for the row
 statistics and once for the §2 gradient, which overwrites the tile in place (bf16/fp16 for
-half-precision inputs) and feeds the next two GEMMs: dH = G·W and dW += Gᵀ·H (fp32 accumulator).
+half-precision inputs) and feeds the next two GEMMs: dH = G·W and dW += Gᵀ·H.
 
 - fused_loss, when a whole row's vocabulary fits the workspace: GEMM → statistics (the tile
   keeps the transformed logits) → §5 coefficients (hykernels/_grad.py on [chunk] rows) →
@@ -11,12 +11,20 @@ half-precision inputs) and feeds the next two GEMMs: dH = G·W and dW += Gᵀ·H
 - Otherwise (huge vocabularies or a small workspace) each chunk walks vocabulary slices:
   statistics merge across slices (hykernels/_partials.py) and the gradient pass recomputes each
   slice's logits, 8·N·D·V FLOPs, as token_stats + its backward always do.
-- Chunks alternate between two CUDA streams with a workspace each, so one chunk's epilogues
-  overlap the next chunk's GEMM; updates of the shared dW/db accumulators are chained with
-  events so they stay ordered.
+- Chunks alternate between two CUDA streams (created once per device: each holds its own cuBLAS
+  workspace) with half of one workspace each, so one chunk's epilogues overlap the next chunk's
+  GEMM; updates of the shared dW/db are chained with events so they stay ordered.
 
-Workspace: WORKSPACE_BYTES in all (both streams), plus the fp32 dW (and dH when a row spans
-several slices) accumulators for half-precision inputs.
+Memory beyond the returned gradients: the workspace (WORKSPACE_BYTES in all, default 768 MiB,
+``HYKERNELS_CUDA_WORKSPACE_MB``), O(N) statistics, fp32 db, and nothing else for bf16/fp32 inputs:
+dW accumulates straight into the gradient in the weight's dtype (cuBLAS accumulates each chunk's
+GEMM in fp32 and rounds once per chunk, as Liger's fused linear CE does by default).
+``HYKERNELS_FP32_ACCUMULATE=1`` accumulates dW in fp32 across chunks instead (V·D·4 bytes more,
+one rounding at the end). fp16 always accumulates dH/dW in fp32 and scales its gradient tiles by a
+power of two per chunk so small p·coefficient products do not flush to zero in fp16 (one host
+sync per chunk; bf16 has fp32's exponent range and needs neither).
+At N=16384, D=4096, V=151936 bf16 a chunk is 640 rows: every GEMM is 640×151936×4096 or its
+transposes, 0.8 TFLOP each, large enough for cuBLAS to run at its peak rate.
 
 The kernels are compiled on first use with ninja (torch.utils.cpp_extension.load, cached under
 TORCH_EXTENSIONS_DIR), or ahead of time with ``HYKERNELS_BUILD_CUDA=1 pip install .``.
@@ -31,13 +39,14 @@ from typing import Optional
 import torch
 
 from .._checks import target_mask
-from .._grad import loss_by_recompute, loss_coefficients
+from .._grad import fp16_grad_scale, grad_bound, loss_by_recompute, loss_coefficients
 from .._partials import Partials, finish
 from .._types import PRG_VARIANTS, LogitOptions, LossTerms, RowCoefs, TokenStats
 
 NAME = "cuda"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 statistics: fp64 is refused
-WORKSPACE_BYTES = int(os.environ.get("HYKERNELS_CUDA_WORKSPACE_MB", "2048")) * 2**20
+WORKSPACE_BYTES = int(os.environ.get("HYKERNELS_CUDA_WORKSPACE_MB", "768")) * 2**20
+FP32_ACCUMULATE = os.environ.get("HYKERNELS_FP32_ACCUMULATE", "0") == "1"
 LANES = 2  # streams (and workspaces) in flight
 ROW_ALIGN = 64  # token chunks are a multiple of this many rows: GEMM-friendly M
 _GRAD_OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc GradOut
@@ -83,9 +92,23 @@ def _ext():
 
 
 @functools.lru_cache(maxsize=None)
-def _has_fp32_output_gemm() -> bool:
-    """torch.mm(bf16, bf16, out_dtype=torch.float32): cuBLAS with an fp32 output (torch 2.8+)."""
-    return any("out_dtype" in str(s) for s in torch._C._jit_get_schemas_for_operator("aten::mm"))
+def _fp32_output_gemms(device: torch.device) -> Optional[str]:
+    """None if the exact calls this backend makes work on ``device``: torch.mm and torch.addmm of
+    bf16/fp16 operands with ``out_dtype=torch.float32`` (cuBLAS with an fp32 output; torch 2.8+
+    has the schema, but not every build and GPU runs it). Otherwise why not: auto dispatch then
+    falls back to the triton backend."""
+    try:
+        for dtype in (torch.bfloat16, torch.float16):
+            a = torch.ones(2, 3, dtype=dtype, device=device)
+            out = torch.empty(2, 2, dtype=torch.float32, device=device)
+            torch.mm(a, a.T, out_dtype=torch.float32, out=out)
+            torch.addmm(out, a, a.T, alpha=0.5, out_dtype=torch.float32, out=out)
+            if out[0, 0].item() != 4.5:
+                return f"torch.addmm(..., out_dtype=torch.float32) gave a wrong result for {dtype} on {device}"
+    except (RuntimeError, TypeError) as exc:
+        return (f"the cuda backend needs torch.mm/addmm(..., out_dtype=torch.float32) (torch >= 2.8), which failed "
+                f"on {device} with torch {torch.__version__}: {str(exc).splitlines()[0]}")
+    return None
 
 
 def availability(device: torch.device) -> Optional[str]:
@@ -93,8 +116,10 @@ def availability(device: torch.device) -> Optional[str]:
         return f"the cuda backend needs a CUDA device; got {device.type}"
     if torch.version.cuda is None or not torch.cuda.is_available():
         return "this torch build has no usable CUDA"
-    if not _has_fp32_output_gemm():
-        return f"the cuda backend needs torch >= 2.8 (torch.mm with out_dtype); this is torch {torch.__version__}"
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    reason = _fp32_output_gemms(device)
+    if reason is not None:
+        return reason
     try:
         _ext()
     except RuntimeError as exc:
@@ -116,16 +141,28 @@ def plan(n: int, vocab: int, opts: LogitOptions) -> tuple[int, int]:
     return max(rows, 1), cols
 
 
+_STREAMS: dict = {}  # device index -> the side streams, created once: each new stream would
+#                     get a cuBLAS handle and workspace of its own
+
+
+def _side_streams(device: torch.device) -> list:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _STREAMS:
+        _STREAMS[index] = [torch.cuda.Stream(index) for _ in range(LANES)]
+    return _STREAMS[index]
+
+
 class _Lanes:
-    """Round-robin CUDA streams, each with its own workspace; ``shared_begin``/``shared_end``
+    """Round-robin CUDA streams, each with its share of one workspace; ``shared_begin``/``shared_end``
     bracket the updates of accumulators every lane adds into (dW, db), chaining them in chunk order."""
 
     def __init__(self, device: torch.device, elements: int, chunks: int):
         self.main = torch.cuda.current_stream(device)
-        self.streams = [torch.cuda.Stream(device) for _ in range(min(LANES, chunks))]
+        self.streams = _side_streams(device)[: min(LANES, chunks)]
         for s in self.streams:
             s.wait_stream(self.main)  # inputs were produced on the caller's stream
-        self.work = [torch.empty(elements, dtype=torch.float32, device=device) for _ in self.streams]
+        workspace = torch.empty(elements * len(self.streams), dtype=torch.float32, device=device)
+        self.work = list(workspace.split(elements))
         self.last: Optional[torch.cuda.Event] = None
         self.i = 0
 
@@ -173,12 +210,12 @@ def _gemm_logits(tile, h, w):
         torch.mm(h, w.T, out_dtype=torch.float32, out=tile)
 
 
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a·b with fp32 accumulation in cuBLAS (half-precision operands, fp32 acc)."""
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """acc += alpha·a·b into an fp32 ``acc`` (half-precision operands: fp32 output from cuBLAS)."""
     if a.dtype == torch.float32:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, alpha=alpha)
     else:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, alpha=alpha, out_dtype=torch.float32, out=acc)
 
 
 class _Inputs:
@@ -207,13 +244,16 @@ class _Inputs:
                            self.y[sl], out.m[j, sl], out.s[j, sl], out.t[j, sl], out.u[j, sl], out.zy[j, sl],
                            out.argmax[j, sl], _stream_id())
 
-    def grad(self, tile, sl, vs, transformed, lse, lse_lo, coefs: RowCoefs):
-        """The gradient tile of rows ``sl`` (``lse``, ``lse_lo``, ``coefs``: those rows only)."""
-        A, B, C, D = (c.float().contiguous() for c in coefs)
+    def grad(self, tile, sl, vs, transformed, lse, lse_lo, coefs: RowCoefs) -> tuple[torch.Tensor, float]:
+        """(S·G, S): the gradient tile of rows ``sl`` (``lse``, ``lse_lo``, ``coefs``: those rows
+        only) scaled by S, 1 except for fp16 (_grad.fp16_grad_scale). G is linear in the coefficients,
+        so scaling them scales the tile."""
+        scale = fp16_grad_scale(grad_bound(coefs, self.inv_temp)) if self.h.dtype == torch.float16 else 1.0
+        A, B, C, D = (c.float().mul(scale).contiguous() for c in coefs)
         _ext().logit_grad(tile, vs.start, self.bias_slice(vs), self.inv_temp, self.softcap, transformed, self.y[sl],
                           lse.float().contiguous(), lse_lo.float().contiguous(), A, B, C, D, _GRAD_OUT[self.h.dtype],
                           _stream_id())
-        return _narrow_view(tile, self.h.dtype)
+        return _narrow_view(tile, self.h.dtype), scale
 
 
 def _empty_partials(k: int, n: int, counts: list[int], device) -> Partials:
@@ -264,32 +304,45 @@ def token_stats(hidden, weight, bias, targets, opts: LogitOptions) -> tuple[Toke
 
 
 class _Grads:
-    """dH (per chunk rows: no sharing), fp32 dW/db accumulators shared by every chunk."""
+    """dH (per chunk rows: no sharing) and dW/db shared by every chunk.
+
+    By default dH and dW are written straight into the gradients returned, in the inputs' dtype
+    (for bf16 dW: fp32 accumulation inside each cuBLAS GEMM, one rounding per chunk); fp32
+    accumulators (and one copy at the end) only where needed: dH when a row spans several
+    vocabulary slices, dH and dW for fp16 (range), dW with FP32_ACCUMULATE; db is always fp32."""
 
     def __init__(self, x: _Inputs, weight, bias, needs):
         f32 = dict(dtype=torch.float32, device=x.h.device)
+        fp16 = x.h.dtype == torch.float16
         self.x, self.weight, self.bias = x, weight, bias
-        self.multi = len(x.slices()) > 1  # dH sums over slices: accumulate in fp32
-        self.dh = None
+        self.dh_fp32 = len(x.slices()) > 1 or fp16
+        self.dw_fp32 = weight.dtype != torch.float32 and (FP32_ACCUMULATE or fp16)
+        self.dh = self.dw = None
         if needs[0]:
-            self.dh = torch.zeros(x.h.shape, **f32) if self.multi else torch.empty_like(x.h)
-        self.dw = torch.zeros(weight.shape, **f32) if needs[1] else None
+            self.dh = torch.zeros(x.h.shape, **f32) if self.dh_fp32 else torch.empty_like(x.h)
+        if needs[1]:
+            self.dw = torch.zeros(weight.shape, dtype=torch.float32 if self.dw_fp32 else weight.dtype,
+                                  device=weight.device)
         self.db = torch.zeros(weight.shape[0], **f32) if (bias is not None and needs[2]) else None
 
-    def add(self, lanes: _Lanes, stream, g, sl, vs):
-        h, w = self.x.h, self.x.w
+    def add(self, lanes: _Lanes, stream, g, scale: float, sl, vs):
+        """Add the gradient tile S·G (``scale`` = S) of rows ``sl`` × columns ``vs``."""
+        h, w, inv = self.x.h, self.x.w, 1.0 / scale
         if self.dh is not None:
-            if self.multi:
-                _addmm_fp32(self.dh[sl], g, w[vs])
-            else:
+            if self.dh_fp32:
+                _addmm_fp32(self.dh[sl], g, w[vs], inv)
+            else:  # S = 1 here
                 torch.mm(g, w[vs], out=self.dh[sl])
         if self.dw is None and self.db is None:
             return
         lanes.shared_begin(stream)
         if self.dw is not None:
-            _addmm_fp32(self.dw[vs], g.T, h[sl])
+            if self.dw_fp32:
+                _addmm_fp32(self.dw[vs], g.T, h[sl], inv)
+            else:
+                self.dw[vs].addmm_(g.T, h[sl])
         if self.db is not None:
-            self.db[vs] += g.sum(0, dtype=torch.float32)
+            self.db[vs].add_(g.sum(0, dtype=torch.float32), alpha=inv)
         lanes.shared_end(stream)
 
     def result(self):
@@ -310,8 +363,8 @@ def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs
             for vs in x.slices():
                 tile = _tile(work, sl.stop - sl.start, vs.stop - vs.start)
                 _gemm_logits(tile, x.h[sl], x.w[vs])
-                g = x.grad(tile, sl, vs, False, lse[sl], lse_lo[sl], coefs.rows(sl))
-                grads.add(lanes, stream, g, sl, vs)
+                g, scale = x.grad(tile, sl, vs, False, lse[sl], lse_lo[sl], coefs.rows(sl))
+                grads.add(lanes, stream, g, scale, sl, vs)
     lanes.close()
     return grads.result()
 
@@ -346,8 +399,8 @@ def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
             for dst, src in zip(out, stats):
                 dst[sl].copy_(src)
             if any(needs):
-                g = x.grad(tile, sl, vs, True, stats.lse, lse_lo, coefs)
-                grads.add(lanes, stream, g, sl, vs)
+                g, scale = x.grad(tile, sl, vs, True, stats.lse, lse_lo, coefs)
+                grads.add(lanes, stream, g, scale, sl, vs)
     lanes.close()
     return losses.sum(), out, *grads.result()
 

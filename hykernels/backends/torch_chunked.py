@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .._checks import target_mask
-from .._grad import loss_coefficients
+from .._grad import fp16_grad_scale, loss_coefficients
 from .._partials import Partials
 from .._types import LogitOptions, LossTerms, RowCoefs, TokenStats
 from . import _dense
@@ -47,14 +47,29 @@ class _GradAccumulator:
             bias is not None and needs[2]) else None
 
     def add(self, sl: slice, g: torch.Tensor) -> None:
+        if self.weight.dtype == torch.float16:
+            return self._add_fp16(sl, g)
         g_in = g.to(self.weight.dtype)
         if self.dh is not None:
             torch.matmul(g_in, self.weight, out=self.dh[sl])
         if self.dw is not None:
             if g_in.dtype == self.dw.dtype:
                 self.dw.addmm_(g_in.T, self.hidden[sl])
-            else:  # half-precision GEMM, accumulated in fp32
+            else:  # bf16 GEMM, accumulated in fp32
                 self.dw += g_in.T @ self.hidden[sl]
+        if self.db is not None:
+            self.db += g.sum(0)
+
+    def _add_fp16(self, sl: slice, g: torch.Tensor) -> None:
+        """fp16 has too little range for a gradient tile: p·coefficient products flush to zero
+        (_grad.fp16_grad_scale). dW: an fp32 GEMM of the fp32 tile and the chunk's hidden rows.
+        dH: the tile scaled by a power of two S, an fp16 GEMM, then divided by S (exact)."""
+        if self.dh is not None:
+            scale = fp16_grad_scale(g.abs().max())
+            torch.matmul((g * scale).to(torch.float16), self.weight, out=self.dh[sl])
+            self.dh[sl] /= scale
+        if self.dw is not None:
+            self.dw.addmm_(g.T, self.hidden[sl].to(g.dtype))
         if self.db is not None:
             self.db += g.sum(0)
 

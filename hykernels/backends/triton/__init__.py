@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from ..._checks import target_mask
-from ..._grad import loss_by_recompute
+from ..._grad import fp16_grad_scale, grad_bound, loss_by_recompute
 from ..._partials import Partials, finish, slice_counts
 from ..._types import PRG_VARIANTS, LogitOptions, LossTerms, RowCoefs, TokenStats
 from .. import _dense
@@ -155,12 +155,18 @@ def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs
     dh = torch.zeros(n, dim, **f32) if need_dh else torch.empty(1, **f32)
     dw = torch.zeros(vocab, dim, **f32) if need_dw else torch.empty(1, **f32)
     db = torch.zeros(vocab, **f32) if need_db else torch.empty(1, **f32)
-    A, B, C, D = (x.to(torch.float32).contiguous() for x in coefs)
+    # fp16 gradient tiles are scaled by a power of two S so small entries do not flush to zero
+    # (_grad.fp16_grad_scale); the fp32 accumulators are divided by S again (exact).
+    scale = fp16_grad_scale(grad_bound(coefs, 1.0 / opts.temperature)) if hidden.dtype == torch.float16 else 1.0
+    A, B, C, D = (x.to(torch.float32).mul(scale).contiguous() for x in coefs)
     grid = (math.ceil(n / blocks.m), math.ceil(vocab / blocks.n))
     logits_bwd[grid](c["hidden"], c["weight"], bias, y, lse.float(), lse_lo.float(), A, B, C, D, dh, dw, db,
                      n, vocab, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
                      BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, **c["args"], **c["meta"],
                      **_launch_opts(blocks, hidden.device))
+    if scale != 1.0:
+        for acc in (dh, dw, db):
+            acc /= scale
     return (dh.to(hidden.dtype) if need_dh else None,
             dw.to(weight.dtype) if need_dw else None,
             db.to(bias.dtype) if need_db else None)

@@ -12,6 +12,11 @@ BLOCK_K steps (the approach of Apple's Cut Cross-Entropy, extended to all of §2
 
 ``UPCAST`` makes the tiles fp32 before tl.dot: the CPU interpreter computes bf16 dots wrongly.
 ``IEEE`` selects exact fp32 dots for fp32 inputs (Triton's default for fp32 is tf32).
+
+Row and column indices are int64 (``_indices``): element offsets rows·stride and cols·D pass 2³¹
+once N·D or V·D does (V = 256k, D = 8192), and int32 would wrap silently.
+A masked logit (z = −inf, e.g. a −inf bias entry with value checks off) contributes exactly
+nothing: p·(z − m) and p·(A + B·log p) are taken as 0 where p = 0, never −inf·0 = NaN.
 """
 import triton
 import triton.language as tl
@@ -28,6 +33,12 @@ def _tanh(x):
     near = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0))))
     r = tl.where(a < 0.0625, near, far)
     return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _indices(pid, BLOCK: tl.constexpr):
+    """The int64 indices of block ``pid``: offsets computed from them cannot wrap at 2³¹."""
+    return pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
 
 
 @triton.jit
@@ -66,7 +77,7 @@ def stats_fwd(H, W, B, Y, M_out, S_out, T_out, U_out, ZY_out, AM_out,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = _indices(pid_m, BLOCK_M)
     row_mask = rows < N
     y = tl.load(Y + rows, mask=row_mask, other=-1)
 
@@ -80,7 +91,7 @@ def stats_fwd(H, W, B, Y, M_out, S_out, T_out, U_out, ZY_out, AM_out,
     v_start = split * tiles_per_split * BLOCK_N
     v_end = tl.minimum(v_start + tiles_per_split * BLOCK_N, V)
     for v0 in range(v_start, v_end, BLOCK_N):
-        cols = v0 + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_N).to(tl.int64) + v0  # int64, as _indices
         col_mask = cols < v_end
         z, _ = _logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_h, stride_w, inv_temp, softcap,
                             HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
@@ -88,13 +99,15 @@ def stats_fwd(H, W, B, Y, M_out, S_out, T_out, U_out, ZY_out, AM_out,
         tile_max = tl.max(z, axis=1)
         tile_arg = tl.argmax(z, axis=1).to(tl.int32) + v0
         new_m = tl.maximum(m, tile_max)
-        # Rebase the accumulators from m to new_m. On the first tile m = −inf and s = t = u = 0:
-        # a zero shift keeps them zero without forming −inf·0.
+        # Rebase the accumulators from m to new_m. While every entry so far is −inf (m = −inf),
+        # s = t = 0: a zero shift keeps them zero without forming −inf·0, and the tile is shifted
+        # by 0 instead of its −inf max (z − m would be NaN).
         shift = tl.where(m == float("-inf"), 0.0, m - new_m)
         alpha = tl.exp(shift)
-        zs = tl.where(col_mask[None, :], z - new_m[:, None], 0.0)
+        base = tl.where(new_m == float("-inf"), 0.0, new_m)
+        zs = tl.where(col_mask[None, :], z - base[:, None], 0.0)
         e = tl.where(col_mask[None, :], tl.exp(zs), 0.0)
-        t = alpha * (t + shift * s) + tl.sum(zs * e, axis=1)
+        t = alpha * (t + shift * s) + tl.sum(tl.where(e == 0.0, 0.0, zs * e), axis=1)
         u = u + seen * shift + tl.sum(zs, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
@@ -118,8 +131,8 @@ def logits_bwd(H, W, B, Y, LSE, LSE_LO, CA, CB, CC, CD, DH, DW, DB,
                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = _indices(pid_m, BLOCK_M)
+    cols = _indices(pid_n, BLOCK_N)
     row_mask = rows < N
     col_mask = cols < V
     z, slope = _logits_tile(H, W, B, rows, cols, row_mask, col_mask, D, stride_h, stride_w, inv_temp, softcap,
@@ -133,7 +146,8 @@ def logits_bwd(H, W, B, Y, LSE, LSE_LO, CA, CB, CC, CD, DH, DW, DB,
     d = tl.load(CD + rows, mask=row_mask, other=0.0)
     inside = row_mask[:, None] & col_mask[None, :]
     logp = tl.where(inside, (z - lse[:, None]) - lse_lo[:, None], 0.0)  # padding: no overflow
-    g = tl.exp(logp) * (a[:, None] + b[:, None] * logp) + d[:, None]
+    p = tl.exp(logp)
+    g = tl.where(p == 0.0, 0.0, p * (a[:, None] + b[:, None] * logp)) + d[:, None]
     g += tl.where(cols[None, :] == y[:, None], c[:, None], 0.0)
     g = tl.where(inside, g * slope * inv_temp, 0.0)
     if NEED_DB:
