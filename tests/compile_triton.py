@@ -1,11 +1,18 @@
 """Compile every Triton kernel ahead of time for sm_80 and sm_90 (no GPU needed).
 
 Run as a script without TRITON_INTERPRET (interpreted functions cannot be compiled); the test
-test_triton_kernels_compile runs it in a subprocess. Fails if a kernel does not build or needs
-more shared memory than the architecture has.
+test_triton_kernels_compile runs it in a subprocess. Prints each kernel's shared memory, and its
+registers and spill bytes from ptxas -v (the ptxas triton ships). Fails if a kernel does not
+build, needs more shared memory than the architecture has, or spills registers at the
+configuration the backend launches (spills go to local memory: slow on every GPU).
+Works with triton 3.2 (ASTSource(constants=...)) through 3.9 (ASTSource(constexprs=...)).
 """
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -55,21 +62,49 @@ def segment_jobs():
         yield f"prg {variant} fp32", _segment_kernels.prg_kernel, prg, dict(VARIANT=i, BLOCK=PRG_BLOCK), PRG_LAUNCH
 
 
+def source(fn, sig: dict, consts: dict) -> ASTSource:
+    try:  # triton >= 3.3
+        return ASTSource(fn=fn, signature=sig, constexprs=consts)
+    except TypeError:  # triton 3.2: constants, with constexprs named in the signature
+        return ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constants=consts)
+
+
+def register_use(ptx: str, cap: int) -> tuple[int, int] | None:
+    """(registers per thread, spill-store bytes) from ptxas -v on ``ptx``, or None if no ptxas
+    that triton ships reads this PTX version (triton 3.9 needs its ptxas-blackwell)."""
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    arch = f"sm_{cap}a" if cap >= 90 else f"sm_{cap}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        for tool in ("ptxas", "ptxas-blackwell"):
+            if not (bindir / tool).is_file():
+                continue
+            run = subprocess.run([str(bindir / tool), f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / "k.o")],
+                                 capture_output=True, text=True)
+            regs = re.search(r"Used (\d+) registers", run.stderr)
+            if run.returncode == 0 and regs:
+                spills = re.search(r"(\d+) bytes spill stores", run.stderr)
+                return int(regs.group(1)), int(spills.group(1)) if spills else 0
+    return None
+
+
 def main() -> int:
     failures = 0
     for name, fn, sig, consts, launch in (*logits_jobs(), *segment_jobs()):
         for cap in (80, 90):
             try:
-                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                          target=GPUTarget("cuda", cap, 32), options=launch)
+                compiled = triton.compile(source(fn, sig, consts), target=GPUTarget("cuda", cap, 32), options=launch)
             except Exception as exc:  # report every failure, not just the first
                 print(f"FAIL {name} sm_{cap}: {type(exc).__name__}: {exc}")
                 failures += 1
                 continue
             shared = compiled.metadata.shared
-            ok = shared <= SHARED_LIMIT[cap]
+            use = register_use(compiled.asm["ptx"], cap)
+            ok = shared <= SHARED_LIMIT[cap] and (use is None or use[1] == 0)
             failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {name} sm_{cap}: shared {shared} B, "
+            regs = "registers: no ptxas for this PTX" if use is None else f"{use[0]} registers, {use[1]} B spilled"
+            print(f"{'ok  ' if ok else 'FAIL'} {name} sm_{cap}: shared {shared} B, {regs}, "
                   f"{len(compiled.asm['cubin'])} B cubin")
     return 1 if failures else 0
 
