@@ -85,6 +85,52 @@ def test_small_workspace_forces_several_slices(monkeypatch):
     assert cuda.plan(37, 103, LogitOptions(chunk_size=16)) == (16, 50)
 
 
+def test_bench_shape_memory_model():
+    """At N=16384, D=4096, V=151936 bf16 the default workspace fits two 640-row whole-vocabulary
+    chunks (the 6·N·D·V path) in 768 MiB, and bf16 gradients need no fp32 accumulators: the extra
+    memory above the returned gradients is the workspace plus O(N + V), under the 1 GiB target."""
+    assert cuda.WORKSPACE_BYTES == 768 * 2**20 or "HYKERNELS_CUDA_WORKSPACE_MB" in os.environ
+    rows, cols = cuda.plan(16384, 151936, LogitOptions())
+    assert (rows, cols) == (640, 151936)
+    assert cuda.LANES * rows * cols * 4 <= cuda.WORKSPACE_BYTES < 2**30
+
+
+@pytest.mark.parametrize("dtype,fp32_acc,expect", [(torch.bfloat16, False, (False, False)),
+                                                    (torch.bfloat16, True, (False, True)),
+                                                    (torch.float16, False, (True, True)),
+                                                    (torch.float32, False, (False, False))])
+def test_gradient_accumulators(monkeypatch, dtype, fp32_acc, expect):
+    """dH/dW go straight into the returned gradients unless fp16 (range) or HYKERNELS_FP32_ACCUMULATE."""
+    import cuda_emulator
+
+    module = cuda_emulator.load()
+    monkeypatch.setattr(module, "FP32_ACCUMULATE", fp32_acc)
+    h, w, y = torch.randn(37, 19, dtype=dtype), torch.randn(103, 19, dtype=dtype), torch.randint(0, 103, (37,))
+    x = module._Inputs(h, w, None, y, LogitOptions(chunk_size=16))
+    grads = module._Grads(x, w, None, (True, True, False))
+    assert (grads.dh_fp32, grads.dw_fp32) == expect
+    assert grads.dw.dtype == (torch.float32 if expect[1] else dtype)
+
+
+def test_fp32_accumulate_opt_in_is_exact_enough(monkeypatch, rng):
+    """HYKERNELS_FP32_ACCUMULATE=1: one rounding at the end, so bf16 dW is the fp32 sum rounded."""
+    import cuda_emulator
+
+    module = cuda_emulator.load()
+    h = torch.randn(37, 19, generator=rng).bfloat16().requires_grad_()
+    w = torch.randn(103, 19, generator=rng).bfloat16().requires_grad_()
+    y = torch.randint(0, 103, (37,), generator=rng)
+    gold_w = w.detach().double().requires_grad_()
+    torch.nn.functional.cross_entropy(h.detach().double() @ gold_w.T, y, reduction="sum").backward()
+    for fp32_acc in (False, True):
+        monkeypatch.setattr(module, "FP32_ACCUMULATE", fp32_acc)
+        w.grad = None
+        loss, _ = hk.fused_loss(h, w, y, rd_weight=1.0, backend="cuda_emulated", chunk_size=4)
+        loss.backward()
+        err = (w.grad.double() - gold_w.grad).abs().max().item() / gold_w.grad.abs().max().item()
+        assert err < (2e-2 if not fp32_acc else 8e-3), (fp32_acc, err)
+
+
 def test_wheel_ships_the_sources(tmp_path):
     """pip install . needs no GPU; the sources travel inside the package for the first-use build."""
     r = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
@@ -105,7 +151,23 @@ def test_wheel_ships_the_sources(tmp_path):
 def test_auto_picks_cuda_on_a_gpu():
     from hykernels import backends
 
+    assert cuda._fp32_output_gemms(torch.device("cuda", torch.cuda.current_device())) is None
     assert backends.resolve("auto", torch.device("cuda"), torch.bfloat16).NAME == "cuda"
+
+
+@pytest.mark.gpu
+def test_side_streams_are_created_once():
+    """Each new CUDA stream gets a cuBLAS handle and workspace of its own: calls must reuse them."""
+    h = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 1000, (300,), device="cuda")
+    streams = None
+    for _ in range(3):
+        loss, _ = hk.fused_loss(h, w, y, rd_weight=1 / 300, backend="cuda", chunk_size=64)
+        loss.backward()
+        current = [s.cuda_stream for s in cuda._STREAMS[torch.cuda.current_device()]]
+        assert streams is None or current == streams
+        streams = current
 
 
 @pytest.mark.gpu
