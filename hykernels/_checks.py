@@ -168,11 +168,37 @@ def _per_token(name: str, value, n: int, lead: tuple, device, dtype) -> Optional
     return value.detach().reshape(n).to(dtype)
 
 
+REDUCTIONS = (None, "sum", "mean", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
 def check_loss_terms(lead, device, dtype, *, rd_weight, rlif_weight, advantages, old_logp, ref_logp,
-                     kl_weight, entropy_weight, clip_eps) -> LossTerms:
-    """Validate fused_loss's per-token terms. Weights, advantages and log-probs are constants:
-    no gradient flows into them (they are detached)."""
+                     kl_weight, entropy_weight, clip_eps, label_smoothing=0.0, z_loss=0.0, reduction=None,
+                     seq_ids=None, importance_sampling_level="token", use_bias_correction_kl=False,
+                     vocab_size=0) -> LossTerms:
+    """Validate fused_loss's per-token terms and options. Weights, advantages and log-probs are
+    constants: no gradient flows into them (they are detached). ``advantages`` may also be given
+    per sequence ([S] or [S, 1]: sequences are the rows of targets [B, T], or ``seq_ids``) and is
+    then broadcast over each sequence's tokens. With reduction set and no term given, rd_weight is
+    1 (plain cross-entropy)."""
     n = math.prod(lead)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level: expected one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
+    if not isinstance(use_bias_correction_kl, bool):
+        raise TypeError(f"use_bias_correction_kl: expected a bool, got {use_bias_correction_kl!r}")
+    label_smoothing = _in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = _in_range("z_loss", z_loss, 0.0, math.inf)
+    if reduction is not None and all(v is None for v in (rd_weight, rlif_weight, kl_weight, entropy_weight)):
+        rd_weight = 1.0
+    sequence_level = importance_sampling_level == "sequence"
+    seqs = None  # (per-token sequence id [N], −1 for none; number of sequences)
+    if seq_ids is not None or sequence_level or _per_sequence(advantages, lead):
+        seqs = _sequences(seq_ids, lead, device, advantages, sequence_level)
+    if _per_sequence(advantages, lead):
+        advantages = _broadcast_per_sequence("advantages", advantages, *seqs, device).reshape(lead)
     values = dict(rd_weight=rd_weight, rlif_weight=rlif_weight, advantages=advantages, old_logp=old_logp,
                   ref_logp=ref_logp, kl_weight=kl_weight, entropy_weight=entropy_weight)
     t = {k: _per_token(k, v, n, lead, device, dtype) for k, v in values.items()}
@@ -180,11 +206,19 @@ def check_loss_terms(lead, device, dtype, *, rd_weight, rlif_weight, advantages,
         if (t[need] is None) != (t[given] is None):
             have, missing = (given, need) if t[need] is None else (need, given)
             raise ValueError(f"{missing}: required when {have} is given (the term uses both)")
-    if t["old_logp"] is not None and t["rlif_weight"] is None:
-        raise ValueError("old_logp: given without rlif_weight/advantages; it only enters the PPO term")
+    kl_uses_old = use_bias_correction_kl and t["kl_weight"] is not None
+    if t["old_logp"] is not None and t["rlif_weight"] is None and not kl_uses_old:
+        raise ValueError("old_logp: given without rlif_weight/advantages; it only enters the PPO term "
+                         "(and the KL term with use_bias_correction_kl)")
     if all(t[k] is None for k in ("rd_weight", "rlif_weight", "kl_weight", "entropy_weight")):
         raise ValueError("fused_loss: no loss term; pass rd_weight, rlif_weight (+advantages), "
-                         "kl_weight (+ref_logp) or entropy_weight")
+                         "kl_weight (+ref_logp) or entropy_weight (or a reduction for plain cross-entropy)")
+    for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
+        if value and t["rd_weight"] is None:
+            raise ValueError(f"{name}: modifies the cross-entropy term, but rd_weight is not given")
+    if sequence_level and reduction == "none":
+        raise ValueError("reduction: 'none' (per-token losses) is not defined with importance_sampling_level="
+                         "'sequence', whose ratio couples the tokens of a sequence")
     if isinstance(clip_eps, Real):
         clip_eps = (clip_eps, clip_eps)
     if (not isinstance(clip_eps, (tuple, list)) or len(clip_eps) != 2
@@ -196,7 +230,65 @@ def check_loss_terms(lead, device, dtype, *, rd_weight, rlif_weight, advantages,
         for (k, _), bad in zip(given, flags):
             if bad:
                 raise ValueError(f"{k}: contains non-finite values (NaN or Inf)")
-    return LossTerms(**t, clip_low=float(clip_eps[0]), clip_high=float(clip_eps[1]))
+    seq_terms = {}
+    if sequence_level:  # a token of no sequence is a sequence of its own (its ratio is its token's)
+        ids, num = seqs
+        own = num + torch.arange(n, device=device)
+        seq_terms = dict(seq_ids=torch.where(ids >= 0, ids, own), num_seqs=num + n)
+    return LossTerms(**t, clip_low=float(clip_eps[0]), clip_high=float(clip_eps[1]), vocab_size=int(vocab_size),
+                     label_smoothing=label_smoothing, z_loss=z_loss, kl_ratio=use_bias_correction_kl, **seq_terms)
+
+
+def _in_range(name: str, value, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"{name}: expected a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def _per_sequence(value, lead: tuple) -> bool:
+    """A tensor that is not shaped like targets (nor a scalar): one value per sequence."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(lead)
+
+
+def _sequences(seq_ids, lead: tuple, device, advantages, sequence_level: bool) -> tuple[torch.Tensor, int]:
+    """(sequence id per token [N], −1 for none; number of sequences S). Without seq_ids the
+    sequences are the rows of targets [..., T]; with per-sequence advantages S is their length,
+    else 1 + the largest id."""
+    per_seq = advantages.shape[0] if _per_sequence(advantages, lead) else None
+    if seq_ids is None:
+        if len(lead) < 2 and not sequence_level:
+            raise ValueError(f"advantages: expected shape {list(lead)} (one value per token, like targets), or one "
+                             f"per sequence with seq_ids; got {list(advantages.shape)}")
+        if len(lead) < 2:
+            raise ValueError("seq_ids: required with importance_sampling_level='sequence' when targets is 1-D "
+                             f"(shape {list(lead)}, packed); or pass targets as [B, T] (one sequence per row)")
+        rows = math.prod(lead[:-1])
+        return torch.arange(rows, device=device).repeat_interleave(lead[-1]), rows
+    seq_ids = _tensor("seq_ids", seq_ids)
+    _int_dtype("seq_ids", seq_ids)
+    if tuple(seq_ids.shape) != tuple(lead):
+        raise ValueError(f"seq_ids: expected shape {list(lead)} (like targets), got {list(seq_ids.shape)}")
+    _same_device("seq_ids", seq_ids, device)
+    ids = seq_ids.reshape(-1).long()
+    num = per_seq if per_seq is not None else int(ids.max()) + 1  # one sync
+    bad = (ids < -1) | (ids >= num)
+    if _value_checks and bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        why = " = len(advantages)" if per_seq is not None else ""
+        raise ValueError(f"seq_ids: expected ids in [-1, {num}) (-1: no sequence; {num}{why}), got "
+                         f"{int(ids[row])} at token {row}")
+    return torch.where(bad, torch.full_like(ids, -1), ids), max(num, 0)
+
+
+def _broadcast_per_sequence(name: str, value: torch.Tensor, ids: torch.Tensor, num: int, device) -> torch.Tensor:
+    """[S] or [S, 1] per sequence → [N] per token (0 on tokens of no sequence)."""
+    _float_dtype(name, value)
+    _same_device(name, value, device)
+    if tuple(value.shape) not in ((num,), (num, 1)):
+        raise ValueError(f"{name}: expected shape like targets, or [{num}] / [{num}, 1] (one value per sequence), "
+                         f"got {list(value.shape)}")
+    per_seq = value.detach().reshape(num)
+    return torch.where(ids >= 0, per_seq[ids.clamp(min=0)], torch.zeros((), dtype=per_seq.dtype, device=device))
 
 
 def check_spans(span_ids, num_spans, reduce, lead, device):

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ._checks import target_mask
-from ._types import LossTerms, RowCoefs
+from ._types import LossTerms, RowCoefs, TokenStats
 
 
 def stats_coefficients(
@@ -48,60 +48,102 @@ def stats_coefficients(
     return RowCoefs(A, B, C, D)
 
 
+def z_loss_tokens(lse: torch.Tensor, valid: torch.Tensor, terms: LossTerms) -> torch.Tensor:
+    """Each row's z-loss term a·z_loss·lse² (0 when off or the row has no target)."""
+    if not terms.z_loss or terms.rd_weight is None:
+        return torch.zeros_like(lse)
+    z = terms.rd_weight.to(lse.dtype) * terms.z_loss * lse.square()
+    return torch.where(valid, z, torch.zeros_like(z))
+
+
 def loss_coefficients(
-    logp: torch.Tensor,
-    entropy: torch.Tensor,
+    stats: TokenStats,
     valid: torch.Tensor,
     terms: LossTerms,
 ) -> tuple[torch.Tensor, RowCoefs]:
-    """Per-token §5 loss and its backward coefficients, closed-form in (logp, entropy).
+    """Per-token §5 loss and its backward coefficients, closed-form in the row statistics.
 
-    Returns (loss per token [n], RowCoefs). Rows without a target contribute nothing.
-    Because the coefficients need only this row's statistics, a backend that sees whole
-    rows can form the gradient in the same pass as the forward (6·N·D·V FLOPs).
+    ``stats``: the rows' TokenStats (logp, entropy, self_certainty, lse are read). Returns (loss
+    per token [n], RowCoefs). Rows without a target contribute nothing. The loss is written as
+    upstream gradients of (logp, lse, entropy, self_certainty) and turned into coefficients by
+    stats_coefficients, the one §2 backward. Token-level terms need only their own row, so a
+    backend that sees whole rows forms the gradient in the forward pass (6·N·D·V FLOPs);
+    sequence-level terms (``terms.seq_ids``) need every row of the batch at once.
     """
-    loss = torch.zeros_like(logp)
-    g_logp = torch.zeros_like(logp)  # dL/dlogp
-    g_ent = torch.zeros_like(logp)  # dL/dentropy
+    logp, entropy, lse = stats.logp, stats.entropy, stats.lse
+    zero = torch.zeros_like(logp)
+    loss, g_logp, g_lse, g_ent, g_sc = zero, zero, zero, zero, None  # loss and dL/d(statistic)
 
     def const(t: torch.Tensor) -> torch.Tensor:
         return t.to(logp.dtype)
 
-    if terms.rd_weight is not None:  # a·(−logp)
-        a = const(terms.rd_weight)
-        loss = loss - a * logp
-        g_logp = g_logp - a
+    if terms.rd_weight is not None:  # a·((1−ε)·(−logp) + ε·mean_v(−log p_v)) + a·z·lse²
+        a, eps = const(terms.rd_weight), terms.label_smoothing
+        loss = loss - a * (1.0 - eps) * logp
+        g_logp = g_logp - a * (1.0 - eps)
+        if eps:  # mean_v(−log p_v) = lse − mean_v z = self_certainty + log V
+            loss = loss + a * eps * (stats.self_certainty + math.log(terms.vocab_size))
+            g_sc = a * eps
+        if terms.z_loss:
+            loss = loss + z_loss_tokens(lse, valid, terms)
+            g_lse = g_lse + 2.0 * terms.z_loss * a * lse
+
+    g_ratio = zero  # dL/dρ of the importance ratio ρ = exp(logp − old) (token) or exp(mean_s(logp − old))
+    ratio = None
+    if terms.rlif_weight is not None or (terms.kl_ratio and terms.kl_weight is not None):
+        # on-policy (old_logp None): old = logp detached, so ρ ≡ 1 with dρ/dlogp = 1 (or 1/n_s)
+        log_ratio = zero if terms.old_logp is None else logp - const(terms.old_logp)
+        if terms.sequence_level:
+            log_ratio = _sequence_mean(log_ratio, valid, terms)[terms.seq_ids]
+        ratio = torch.exp(log_ratio)
     if terms.rlif_weight is not None:  # b·(−min(ρA, clip(ρ)A))
         b, adv = const(terms.rlif_weight), const(terms.advantages)
-        if terms.old_logp is None:  # on-policy: ρ ≡ 1 with dρ/dlogp = 1
-            ratio = torch.ones_like(logp)
-            surrogate = adv
-            unclipped_active = torch.ones_like(valid)
-        else:
-            ratio = torch.exp(logp - const(terms.old_logp))
-            clipped = ratio.clamp(1.0 - terms.clip_low, 1.0 + terms.clip_high)
-            surrogate = torch.minimum(ratio * adv, clipped * adv)
-            # The gradient flows only where the unclipped surrogate is the minimum.
-            unclipped_active = ratio * adv <= clipped * adv
+        clipped = ratio.clamp(1.0 - terms.clip_low, 1.0 + terms.clip_high)
+        surrogate = torch.minimum(ratio * adv, clipped * adv)
         loss = loss - b * surrogate
-        g_logp = g_logp - torch.where(unclipped_active, b * ratio * adv, torch.zeros_like(b))
-    if terms.kl_weight is not None:  # c·(exp(ref − logp) − (ref − logp) − 1)
+        # The gradient flows only where the unclipped surrogate is the minimum.
+        g_ratio = g_ratio - torch.where(ratio * adv <= clipped * adv, b * adv, zero)
+    if terms.kl_weight is not None:  # c·(exp(ref − logp) − (ref − logp) − 1), times ρ with kl_ratio
         c = const(terms.kl_weight)
         delta = const(terms.ref_logp) - logp
         e_delta = torch.exp(delta)
-        loss = loss + c * (e_delta - delta - 1.0)
-        g_logp = g_logp + c * (1.0 - e_delta)
+        k3 = e_delta - delta - 1.0
+        if terms.kl_ratio:
+            loss = loss + c * ratio * k3
+            g_logp = g_logp + c * ratio * (1.0 - e_delta)
+            g_ratio = g_ratio + c * k3
+        else:
+            loss = loss + c * k3
+            g_logp = g_logp + c * (1.0 - e_delta)
+    if ratio is not None:  # dρ/dlogp: ρ (token) or ρ_s/n_s for every row of sequence s
+        g_ratio = torch.where(valid, g_ratio, zero)
+        if terms.sequence_level:
+            count = _segment_sum(valid.to(logp.dtype), terms).clamp(min=1.0)
+            g_logp = g_logp + ratio * (_segment_sum(g_ratio, terms) / count)[terms.seq_ids]
+        else:
+            g_logp = g_logp + ratio * g_ratio
     if terms.entropy_weight is not None:  # −e·entropy
         e = const(terms.entropy_weight)
         loss = loss - e * entropy
         g_ent = g_ent - e
 
-    zero = torch.zeros_like(logp)
     loss = torch.where(valid, loss, zero)
-    g_logp = torch.where(valid, g_logp, zero)
-    g_ent = torch.where(valid, g_ent, zero)
-    coefs = RowCoefs(A=-g_logp - g_ent * entropy, B=-g_ent, C=g_logp, D=zero)
-    return loss, coefs
+    g_lse, g_ent = torch.where(valid, g_lse, zero), torch.where(valid, g_ent, zero)
+    g_sc = None if g_sc is None else torch.where(valid, g_sc, zero)
+    return loss, stats_coefficients(g_logp, g_lse, g_ent, g_sc, entropy, valid, terms.vocab_size)
+
+
+def _segment_sum(values: torch.Tensor, terms: LossTerms) -> torch.Tensor:
+    out = torch.zeros(terms.num_seqs, dtype=values.dtype, device=values.device)
+    return out.index_add_(0, terms.seq_ids, values)
+
+
+def _sequence_mean(values: torch.Tensor, valid: torch.Tensor, terms: LossTerms) -> torch.Tensor:
+    """[num_seqs] mean of ``values`` over each sequence's rows with a target (0 for none), as TRL's
+    (x·mask).sum(-1) / mask.sum(-1).clamp(min=1)."""
+    zero = torch.zeros_like(values)
+    total = _segment_sum(torch.where(valid, values, zero), terms)
+    return total / _segment_sum(valid.to(values.dtype), terms).clamp(min=1.0)
 
 
 def loss_by_recompute(token_stats, token_stats_backward, hidden, weight, bias, targets, opts, terms: LossTerms,
@@ -112,7 +154,7 @@ def loss_by_recompute(token_stats, token_stats_backward, hidden, weight, bias, t
     the vocabulary the targets index (the whole one when weight is a vocab-parallel slice)."""
     stats, lse_lo = token_stats(hidden, weight, bias, targets, opts)
     valid, _ = target_mask(targets, vocab, opts.ignore_index)
-    loss, coefs = loss_coefficients(stats.logp, stats.entropy, valid, terms)
+    loss, coefs = loss_coefficients(stats, valid, terms)
     grads = (None, None, None)
     if any(needs):
         grads = token_stats_backward(hidden, weight, bias, targets, opts, stats.lse, lse_lo, coefs, needs)

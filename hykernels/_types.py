@@ -29,6 +29,26 @@ class TokenStats(NamedTuple):
         return TokenStats(*(t.reshape(shape) for t in self))
 
 
+class LossStats(NamedTuple):
+    """fused_loss's detached per-token read-outs: TokenStats' six fields, shaped like targets, plus
+
+    ``z_loss``: each token's z-loss term a_t·z_loss·lse_t² as it enters the returned loss (after
+    ``reduction``), so ``z_loss.sum()`` is the part of a reduced loss that is z-loss (Liger's
+    ``return_z_loss`` value); zeros when z_loss is off.
+    """
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    self_certainty: torch.Tensor
+    confidence: torch.Tensor
+    argmax: torch.Tensor
+    lse: torch.Tensor
+    z_loss: torch.Tensor
+
+    def reshape(self, shape) -> "LossStats":
+        return LossStats(*(t.reshape(shape) for t in self))
+
+
 # PRG variants of hytuning.md §3, in the order the Triton kernel numbers them.
 PRG_VARIANTS = ("progressive", "monotone", "net", "mean_gain", "min_gain")
 
@@ -48,7 +68,8 @@ class PRGResult(NamedTuple):
 
 @dataclass(frozen=True)
 class LogitOptions:
-    """How logits are formed from hidden states: z = s((H·Wᵀ + b) / temperature)."""
+    """How logits are formed from hidden states: z = s(H·Wᵀ + b) / temperature, s(x) = c·tanh(x/c)
+    (softcap first, then temperature: hytuning.md §1)."""
 
     temperature: float = 1.0
     softcap: Optional[float] = None
@@ -73,9 +94,13 @@ class RowCoefs(NamedTuple):
 
 @dataclass(frozen=True)
 class LossTerms:
-    """Per-token constants of the §5 loss, each an [N] tensor or None (term off).
+    """Per-token constants of the §5 loss, each an [N] tensor or None (term off), and its options.
 
-    Built and validated by the functional layer; backends only slice and read them.
+    Built and validated by the functional layer (_checks.check_loss_terms); backends only slice
+    and read them. ``label_smoothing`` and ``z_loss`` modify the cross-entropy term (rd_weight);
+    ``kl_ratio`` multiplies the k3 term by the importance ratio (TRL's use_bias_correction_kl).
+    With ``seq_ids`` set (importance_sampling_level="sequence") the ratio is one per sequence:
+    the coefficients need every row's log-prob first, so these terms are never split into chunks.
     """
 
     rd_weight: Optional[torch.Tensor] = None
@@ -87,9 +112,22 @@ class LossTerms:
     entropy_weight: Optional[torch.Tensor] = None
     clip_low: float = 0.2
     clip_high: float = 0.2
+    vocab_size: int = 0  # V of the whole vocabulary (label smoothing's mean over it)
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    kl_ratio: bool = False
+    seq_ids: Optional[torch.Tensor] = None  # [N] int64 in [0, num_seqs): sequence-level ratio
+    num_seqs: int = 0
+
+    @property
+    def sequence_level(self) -> bool:
+        return self.seq_ids is not None
 
     def rows(self, sl: slice) -> "LossTerms":
         """The same terms restricted to rows ``sl`` (a token chunk)."""
+        if self.sequence_level:
+            raise ValueError("LossTerms.rows: sequence-level terms need all rows at once (route them through "
+                             "_grad.loss_by_recompute)")
         sliced = {
             f.name: getattr(self, f.name)[sl]
             for f in fields(self)

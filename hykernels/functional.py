@@ -7,6 +7,7 @@ supports into PRG scores (§3), detached.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -15,8 +16,8 @@ from . import backends
 from ._checks import (check_logit_inputs, check_loss_terms, check_prg_inputs, check_span_counts, check_spans,
                       target_mask)
 from ._distributed import VocabParallel, check_replicated, shard_of
-from ._grad import stats_coefficients
-from ._types import LogitOptions, LossTerms, PRGResult, TokenStats
+from ._grad import loss_by_recompute, loss_coefficients, stats_coefficients, z_loss_tokens
+from ._types import LogitOptions, LossStats, LossTerms, PRGResult, RowCoefs, TokenStats
 
 
 class _TokenStatsFn(torch.autograd.Function):
@@ -71,6 +72,49 @@ class _FusedLossFn(torch.autograd.Function):
             factor = g_loss / ctx.applied
             scaled = [None if g is None else g * factor.to(g.dtype) for g in grads]
         return (*scaled, None, None, None, None, None)
+
+
+class _PerTokenLossFn(torch.autograd.Function):
+    """reduction="none": the per-token §5 losses. The coefficients are linear in the upstream
+    gradient, so the backward scales each row's by its upstream value and recomputes the logits
+    through the §2 backward (token_stats + token_stats_backward: 8·N·D·V FLOPs)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, opts: LogitOptions, terms: LossTerms, backend, vocab: int):
+        stats, lse_lo = backend.token_stats(hidden, weight, bias, targets, opts)
+        valid, _ = target_mask(targets, vocab, opts.ignore_index)
+        loss, coefs = loss_coefficients(stats, valid, terms)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, lse_lo, *coefs)
+        ctx.opts, ctx.backend = opts, backend
+        ctx.mark_non_differentiable(*stats)
+        ctx.set_materialize_grads(False)
+        return (loss, *stats)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss, *_unused_stats_grads):
+        hidden, weight, bias, targets, lse, lse_lo, *coefs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if g_loss is None or not any(needs):
+            return None, None, None, None, None, None, None, None
+        g = g_loss.to(lse.dtype)
+        coefs = RowCoefs(*(c * g for c in coefs))
+        dh, dw, db = ctx.backend.token_stats_backward(hidden, weight, bias, targets, ctx.opts, lse, lse_lo, coefs,
+                                                      needs)
+        return dh, dw, db, None, None, None, None, None
+
+
+class _ByRecompute:
+    """A backend's fused_loss as a statistics pass over every row, the coefficients, then the §2
+    backward recomputing the logits (_grad.loss_by_recompute, 8·N·D·V FLOPs): for sequence-level
+    terms, whose coefficients need the log-probs of the whole batch."""
+
+    def __init__(self, impl, vocab: int):
+        self.impl, self.vocab = impl, vocab
+
+    def fused_loss(self, hidden, weight, bias, targets, opts, terms: LossTerms, needs):
+        return loss_by_recompute(self.impl.token_stats, self.impl.token_stats_backward, hidden, weight, bias, targets,
+                                 opts, terms, needs, self.vocab)
 
 
 class _SegmentSumFn(torch.autograd.Function):
@@ -147,6 +191,12 @@ def fused_loss(
     kl_weight=None,
     entropy_weight=None,
     clip_eps=(0.2, 0.2),
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: Optional[str] = None,
+    seq_ids: Optional[torch.Tensor] = None,
+    importance_sampling_level: str = "token",
+    use_bias_correction_kl: bool = False,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     bias: Optional[torch.Tensor] = None,
@@ -154,30 +204,76 @@ def fused_loss(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     process_group=None,
-) -> tuple[torch.Tensor, TokenStats]:
+) -> tuple[torch.Tensor, LossStats]:
     """The weighted RD + RLIF loss of hytuning.md §5, L = Σ_t ℓ_t with
 
-        ℓ_t = a_t·(−logp_t) + b_t·(−min(ρ_t·A_t, clip(ρ_t, 1−ε_lo, 1+ε_hi)·A_t))
-              + c_t·(exp(ref_t − logp_t) − (ref_t − logp_t) − 1) − e_t·entropy_t,
+        ℓ_t = a_t·((1−ε)·(−logp_t) + ε·mean_v(−log p_tv) + z·lse_t²)
+              + b_t·(−min(ρ_t·A_t, clip(ρ_t, 1−ε_lo, 1+ε_hi)·A_t))
+              + c_t·k3_t·(ρ_t if use_bias_correction_kl else 1) − e_t·entropy_t,
+        k3_t = exp(ref_t − logp_t) − (ref_t − logp_t) − 1,
 
-    a = rd_weight, b = rlif_weight, A = advantages, ρ = exp(logp − old_logp) (≡ 1 with gradient
-    when old_logp is None), c = kl_weight, e = entropy_weight. Each is None (term off), a number,
-    or a tensor shaped like targets; they are constants (detached). The weights carry the
-    normalisation (token mean, sequence mean, ...). Rows without a target contribute nothing.
+    a = rd_weight, b = rlif_weight, A = advantages, c = kl_weight, e = entropy_weight. Each is None
+    (term off), a number, or a tensor shaped like targets; they are constants (detached).
+    ``advantages`` may also be one per sequence, [S] or [S, 1], broadcast over the sequence's
+    tokens: sequences are the rows of targets [B, T] (or [..., T]), or given by ``seq_ids``
+    (shaped like targets, ids in [0, S), −1 = no sequence: advantage 0). Rows without a target
+    contribute nothing.
 
-    Gradients w.r.t. hidden, weight and bias are formed in the forward pass (no logits
-    recompute) and held until backward. Returns (loss, TokenStats) with the statistics detached.
-    ``process_group``: vocabulary-parallel, as for token_stats (the loss is the same on every rank;
-    the gradients are formed in forward by a statistics pass and a recompute pass, 8·N·D·V/P).
+    Cross-entropy options (on the a_t term, so rd_weight is needed): ``label_smoothing`` ε ∈ [0, 1]
+    is torch's F.cross_entropy(label_smoothing=ε) (rows without a target excluded from both
+    parts); ``z_loss`` z ≥ 0 adds z·lse² per token, weighted like the cross-entropy (Liger's
+    lse_square_scale, PaLM's z-loss). ``stats.z_loss`` holds each token's z-loss term as it enters
+    the returned loss, so ``stats.z_loss.sum()`` is the z-loss part of a reduced loss (Liger's
+    ``return_z_loss``). Class weights cw are per-token weights: rd_weight = cw[targets] /
+    cw[targets of rows with a target].sum() is F.cross_entropy(weight=cw) (cw[targets] alone: its
+    reduction="sum"); with label smoothing torch also weighs the mean over the vocabulary by cw,
+    which per-token weights cannot express.
+
+    ``reduction``: None (default) returns Σ_t ℓ_t, the weights carrying the normalisation; "sum"
+    is the same; "mean" divides it by T, the number of tokens with a target (0 when T = 0, where
+    torch gives NaN); "none" returns ℓ_t per token, shaped like targets (0 on rows without a
+    target), differentiable with any upstream gradient. With a reduction and no term given,
+    rd_weight = 1: plain cross-entropy, F.cross_entropy(logits, targets, reduction=...).
+
+    Importance ratio ρ_t = exp(logp_t − old_t), ≡ 1 with gradient when old_logp is None
+    (on-policy). ``importance_sampling_level="sequence"`` (GSPO; TRL's option of that name) uses
+    one ratio per sequence, ρ_s = exp(mean of logp − old over the sequence's tokens with a target),
+    in the PPO term and in the bias-corrected KL (``use_bias_correction_kl``, TRL's: k3 times the
+    ratio, which carries gradient). A token of no sequence is a sequence of its own. TRL's loss
+    normalisations (grpo, bnpo, dr_grpo, dapo) are per-token weights:
+    hykernels.hytuning.grpo_token_weights builds them.
+
+    Cost: token-level terms form the gradients in the forward pass (6·N·D·V FLOPs on the
+    reference, torch_chunked and whole-row cuda paths; 8·N·D·V on triton) and hold them until
+    backward, which only scales them. Sequence-level ratios need every row's log-prob before any
+    coefficient: a statistics pass, then a recompute pass forming the gradients, both in forward
+    (8·N·D·V on every backend). reduction="none" runs the statistics pass in forward and
+    recomputes the logits in backward (8·N·D·V). Returns (loss, LossStats), the statistics
+    detached. ``process_group``: vocabulary-parallel, as for token_stats (the loss is the same on
+    every rank; gradients by a statistics pass and a recompute pass, 8·N·D·V/P).
     """
-    h, w, y, bias, lead, opts, impl, _ = _prepare(hidden, weight, targets, bias, temperature, softcap,
-                                                  ignore_index, chunk_size, backend, process_group)
+    h, w, y, bias, lead, opts, impl, vocab = _prepare(hidden, weight, targets, bias, temperature, softcap,
+                                                      ignore_index, chunk_size, backend, process_group)
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     terms = check_loss_terms(lead, h.device, dtype, rd_weight=rd_weight, rlif_weight=rlif_weight,
                              advantages=advantages, old_logp=old_logp, ref_logp=ref_logp,
-                             kl_weight=kl_weight, entropy_weight=entropy_weight, clip_eps=clip_eps)
-    loss, *stats = _FusedLossFn.apply(h, w, bias, y, opts, terms, impl, torch.is_grad_enabled())
-    return loss, TokenStats(*stats).reshape(lead)
+                             kl_weight=kl_weight, entropy_weight=entropy_weight, clip_eps=clip_eps,
+                             label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction, seq_ids=seq_ids,
+                             importance_sampling_level=importance_sampling_level,
+                             use_bias_correction_kl=use_bias_correction_kl, vocab_size=vocab)
+    valid, _ = target_mask(y, vocab, opts.ignore_index)
+    if reduction == "mean":  # every weight over T, on the device (no sync)
+        inv_t = 1.0 / valid.sum().clamp(min=1).to(dtype)
+        weights = ("rd_weight", "rlif_weight", "kl_weight", "entropy_weight")
+        terms = replace(terms, **{k: getattr(terms, k) * inv_t for k in weights if getattr(terms, k) is not None})
+    if reduction == "none":
+        loss, *stats = _PerTokenLossFn.apply(h, w, bias, y, opts, terms, impl, vocab)
+        loss = loss.reshape(lead)
+    else:
+        fn = _ByRecompute(impl, vocab) if terms.sequence_level else impl
+        loss, *stats = _FusedLossFn.apply(h, w, bias, y, opts, terms, fn, torch.is_grad_enabled())
+    stats = TokenStats(*stats)
+    return loss, LossStats(*stats, z_loss_tokens(stats.lse, valid, terms)).reshape(lead)
 
 
 def answer_span_logprobs(

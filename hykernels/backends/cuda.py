@@ -394,7 +394,7 @@ def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
             x.stats(tile, sl, vs, True, part, 0)
             rows = Partials(*(f[:, sl] for f in part[:6]), part.count)
             stats, lse_lo = finish(rows, x.valid[sl], torch.float32)
-            tok_loss, coefs = loss_coefficients(stats.logp, stats.entropy, x.valid[sl], terms.rows(sl))
+            tok_loss, coefs = loss_coefficients(stats, x.valid[sl], terms.rows(sl))
             torch.sum(tok_loss, 0, out=losses[i])
             for dst, src in zip(out, stats):
                 dst[sl].copy_(src)

@@ -61,7 +61,7 @@ def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
     valid, safe = target_mask(targets, weight.shape[0], opts.ignore_index)
     z = _dense.logits(h, w, b, opts, dt)
     stats, lse_lo = _dense.row_stats(z, safe, valid)
-    loss, coefs = loss_coefficients(stats.logp, stats.entropy, valid, terms)
+    loss, coefs = loss_coefficients(stats, valid, terms)
     grads = (None, None, None)
     if any(needs):
         g = _dense.logits_grad(z, stats.lse, lse_lo, coefs, safe, opts)

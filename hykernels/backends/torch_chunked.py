@@ -128,7 +128,7 @@ def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
     for sl in _chunks(hidden, weight, opts):
         z = _dense.logits(hidden[sl], weight, bias, opts, dt)
         st, lse_lo = _dense.row_stats(z, safe[sl], valid[sl])
-        tok_loss, coefs = loss_coefficients(st.logp, st.entropy, valid[sl], terms.rows(sl))
+        tok_loss, coefs = loss_coefficients(st, valid[sl], terms.rows(sl))
         loss += tok_loss.sum()
         parts.append((st, lse_lo))
         if any(needs):

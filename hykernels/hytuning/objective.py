@@ -14,7 +14,7 @@ import torch
 
 from .. import functional as F
 from .._checks import check_sequence_inputs
-from .._types import TokenStats
+from .._types import LossStats
 from .rewards import GATED_VARIANTS, gate_rewards, group_advantages
 
 
@@ -37,7 +37,7 @@ class HyTuningConfig:
 
 
 class HyTuningOutput(NamedTuple):
-    stats: TokenStats  # detached per-token statistics
+    stats: LossStats  # detached per-token statistics (fused_loss's)
     lam: float  # the RD/RLIF mix used
     rd_weights: torch.Tensor  # [S] w_i for RD sequences, 0 elsewhere
     advantages: torch.Tensor  # [S] A_i for RLIF sequences, 0 elsewhere
