@@ -159,8 +159,9 @@ def token_stats(
     chunk_size: Optional[int] = None,
     process_group=None,
 ) -> TokenStats:
-    """Per-token statistics of the logits z = s((hidden·weightᵀ + bias)/temperature), without
-    holding the [N, V] logits (hytuning.md §2).
+    """Per-token statistics of the logits z = s(hidden·weightᵀ + bias)/temperature (the softcap
+    s(x) = softcap·tanh(x/softcap) first, then the temperature), without holding the [N, V]
+    logits (hytuning.md §2).
 
     hidden [..., D], weight [V, D], targets [...] (ints; ``ignore_index`` or None = no target).
     Returns TokenStats(logp, entropy, self_certainty, confidence, argmax, lse), each shaped like

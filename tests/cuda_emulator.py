@@ -22,9 +22,9 @@ _MODULE = "hykernels.backends._cuda_emulated"
 
 
 def _transform(x, bias, inv_temp, softcap):
+    """z = s(x + b)/τ: softcap first, then temperature (csrc/kernels/logit_epilogues.cu transform())."""
     z = x if bias is None else x + bias
-    z = z * inv_temp
-    return softcap * torch.tanh(z / softcap) if softcap > 0 else z
+    return torch.tanh(z / softcap) * (softcap * inv_temp) if softcap > 0 else z * inv_temp
 
 
 def _target_columns(targets, col0, cols):
@@ -59,8 +59,8 @@ class FakeExtension:
         g = torch.where(p == 0, 0.0, p * (A[:, None] + B[:, None] * logp)) + D[:, None]
         hit, col = _target_columns(targets, col0, tile.shape[1])
         g.scatter_add_(1, col[:, None], torch.where(hit, C, 0.0)[:, None])
-        if softcap > 0:
-            g = g * (1 - (z / softcap) ** 2)
+        if softcap > 0:  # z is the final logit s/τ: s/c = τ·z/c
+            g = g * (1 - (z / (softcap * inv_temp)) ** 2)
         g = g * inv_temp
         if out_kind == 0:
             tile.copy_(g)

@@ -74,6 +74,17 @@ def run(rank: int, world: int, init_file: str, backend: str, out_dir: str) -> No
     for name, a, c in zip(full._fields, full, part):
         res[f"stats.{name}"] = diff(a, c)
     res.update({"stats.dh": diff(dh, pdh), "stats.dw": diff(dw[sl], pdw), "stats.db": diff(db[sl], pdb)})
+    # and plain torch on the whole fp64 logits, softcap first, then temperature (hytuning.md §1)
+    gh, gw, gb = (t.double().requires_grad_() for t in (h, w, b))
+    logp_all = torch.log_softmax(6.0 * torch.tanh((gh @ gw.T + gb) / 6.0) / 0.8, -1)
+    g_logp = torch.where(y != -100, logp_all.gather(1, y.clamp(min=0)[:, None])[:, 0], 0.0)
+    g_ent = -(logp_all.exp() * logp_all).sum(-1)
+    (g_logp * up[0] + g_ent * up[1]).sum().backward()
+    hh, ww, bb = leaves(h, lw, lb)
+    st = hk.token_stats(hh, ww, y, bias=bb, softcap=6.0, temperature=0.8, backend=backend, process_group=group)
+    (st.logp * up[0] + st.entropy * up[1]).sum().backward()
+    res.update({"gold.logp": diff(g_logp.detach(), st.logp), "gold.entropy": diff(g_ent.detach(), st.entropy),
+                "gold.dh": diff(gh.grad, hh.grad), "gold.dw": diff(gw.grad[sl], ww.grad)})
 
     # the same through a DTensor weight sharded on the vocabulary (uneven shards)
     from torch.distributed.device_mesh import init_device_mesh

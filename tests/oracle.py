@@ -20,10 +20,9 @@ def logits(h, w, b=None, temperature=1.0, softcap=None, gold=True):
         b = None if b is None else b.float()
     if b is not None:
         z = z + b
-    z = z / temperature
-    if softcap is not None:
+    if softcap is not None:  # hytuning.md §1: the model's softcap first, then the sampler's temperature
         z = softcap * torch.tanh(z / softcap)
-    return z
+    return z / temperature
 
 
 def stats(h, w, y, b=None, temperature=1.0, softcap=None, ignore_index=-100, gold=True):

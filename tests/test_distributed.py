@@ -1,6 +1,7 @@
 """Vocabulary-parallel ops on torch.distributed (gloo, CPU): 2 and 3 ranks, V = 103 divisible by
 neither, each rank holding its slice of the lm_head; statistics, losses and gradients equal the
-single-process computation (tests/dist_worker.py does the work on each rank)."""
+single-process computation and plain torch on fp64 logits (tests/dist_worker.py does the work on each
+rank)."""
 import json
 import math
 import os
@@ -51,7 +52,8 @@ def test_equal_to_single_process(ranks):
         bad = {k: v for k, v in r["diffs"].items() if not v <= TOL}
         assert not bad, f"rank {rank}: {bad}"
     assert {k for k in results[0]["diffs"]} >= {"stats.logp", "stats.argmax", "stats.dh", "stats.dw", "fused.loss",
-                                                "fused.dw", "dtensor.dw", "spans.mean", "prg_loss.dw"}
+                                                "fused.dw", "dtensor.dw", "spans.mean", "prg_loss.dw",
+                                                "gold.logp", "gold.dh"}
 
 
 @pytest.mark.parametrize("case,message", [

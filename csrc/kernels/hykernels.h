@@ -14,7 +14,8 @@
 
 namespace hykernels {
 
-// z = s((x + bias[col]) · inv_temp), s(x) = softcap·tanh(x / softcap) when softcap > 0.
+// z = s(x + bias[col]) · inv_temp, s(x) = softcap·tanh(x / softcap) when softcap > 0 (the model's
+// softcap first, then the sampler's temperature: hytuning.md §1).
 struct LogitTransform {
   const float* bias;  // [cols], this slice of the bias in fp32; nullptr for none
   float inv_temp;
@@ -33,7 +34,8 @@ int logit_stats(float* tile, int64_t rows, int64_t cols, int64_t ld, int64_t col
 // Output element type of logit_grad, written in place over the fp32 tile.
 enum GradOut : int { kGradFloat32 = 0, kGradBFloat16 = 1, kGradFloat16 = 2 };
 
-// G = (dL/dz ∘ s′)/τ of hytuning.md §2 in lse-relative form (hykernels/_grad.py):
+// G = (dL/dz ∘ s′(x))/τ of hytuning.md §2 in lse-relative form (hykernels/_grad.py), the softcap
+// slope taken from the final logit as s′ = 1 − (τ·z/c)²:
 //   dL/dz_v = p_v·(A + B·log p_v) + C·[v = y] + D,  log p_v = (z_v − lse) − lse_lo,
 // with per-row A, B, C, D, lse, lse_lo ([rows] fp32). `transformed`: the tile already holds z
 // (logit_stats with write_back), else the raw GEMM output. G overwrites the tile: fp32 in place,

@@ -17,11 +17,11 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kItems = 4;  // elements per thread per logit_grad tile
 
+// z = s(x + b)/τ: the model's softcap first, then the sampler's temperature (hytuning.md §1).
 __device__ __forceinline__ float transform(float x, int64_t j, const LogitTransform& tf) {
   if (tf.bias != nullptr) x += tf.bias[j];
-  x *= tf.inv_temp;
-  if (tf.softcap > 0.f) x = tf.softcap * tanhf(x / tf.softcap);
-  return x;
+  if (tf.softcap > 0.f) return tanhf(x / tf.softcap) * (tf.softcap * tf.inv_temp);
+  return x * tf.inv_temp;
 }
 
 // Online-softmax state of part of a row (see hykernels/_partials.py): sums relative to m.
@@ -169,8 +169,8 @@ __global__ void __launch_bounds__(kThreads) logit_grad_kernel(
       const float p = expf(logp);
       float gv = (p == 0.f ? 0.f : p * (a + b * logp)) + d;  // a masked logit: p = 0, never −inf·0
       if (j == y) gv += c;
-      if (tf.softcap > 0.f) {
-        const float r = x / tf.softcap;
+      if (tf.softcap > 0.f) {  // x is the final logit z = s/τ, so s/c = τ·z/c
+        const float r = x / (tf.softcap * tf.inv_temp);
         gv *= 1.f - r * r;  // s′ = 1 − (s/c)²
       }
       g[i] = gv * tf.inv_temp;

@@ -20,6 +20,41 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Half-precision operands are upcast one vocabulary block of the weight at a time: at most
+# this many bytes of fp32 weight copy live at once (never the whole V·D·4 bytes).
+WEIGHT_BLOCK_BYTES = 32 * 2**20
+_MM_OUT_DTYPE = {}  # device type -> whether torch.mm(..., out_dtype=) works there
+
+
+def gemm(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """H·Wᵀ with its output in ``dtype`` (fp32 for half operands), never rounded to bf16/fp16:
+    a half GEMM's rounded output costs lse errors of ~1e-3, and the bias and softcap come after it.
+
+    Half operands: on CUDA one ``torch.mm(out_dtype=fp32)`` (fp32 accumulate and output, torch ≥
+    2.8); elsewhere (CPU torch has no such kernel) the hidden rows are upcast once and the weight
+    one block of rows at a time, each block's fp32 copy at most WEIGHT_BLOCK_BYTES, written into
+    its columns of the fp32 output. Memory beyond the [rows, V] output: rows·D·4 + that block."""
+    if hidden.dtype == dtype and weight.dtype == dtype:
+        return hidden @ weight.T
+    dev = hidden.device.type
+    if dev == "cuda" and _MM_OUT_DTYPE.get(dev, True):
+        try:
+            return torch.mm(hidden, weight.T, out_dtype=dtype)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):  # torch < 2.8, or no such kernel here
+            _MM_OUT_DTYPE[dev] = False
+    h = hidden.to(dtype)
+    vocab, dim = weight.shape
+    step = max(1, WEIGHT_BLOCK_BYTES // (dim * torch.finfo(dtype).bits // 8))
+    if step >= vocab:
+        return h @ weight.to(dtype).T
+    out = torch.empty(h.shape[0], vocab, dtype=dtype, device=h.device)
+    for v0 in range(0, vocab, step):
+        torch.mm(h, weight[v0:v0 + step].to(dtype).T, out=out[:, v0:v0 + step])
+    return out
+
+
 def logits(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -27,15 +62,16 @@ def logits(
     opts: LogitOptions,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """z = s((H·Wᵀ + b)/τ) in ``dtype``. The GEMM runs in the operands' dtype (fp32
-    accumulation inside, as cuBLAS/oneDNN do); everything after it runs in ``dtype``."""
-    z = (hidden @ weight.T).to(dtype)
+    """z = s(H·Wᵀ + b)/τ in ``dtype`` (hytuning.md §1: the model's softcap first, then the
+    sampler's temperature). The GEMM's output is already ``dtype`` (``gemm``): the bias, softcap
+    and temperature apply to unrounded fp32 (fp64) values."""
+    z = gemm(hidden, weight, dtype)
     if bias is not None:
         z += bias.to(dtype)
-    if opts.temperature != 1.0:
+    if opts.softcap is not None:  # c·tanh(x/c)/τ, the two scalings folded into one multiply
+        z = torch.tanh(z.div_(opts.softcap)).mul_(opts.softcap / opts.temperature)
+    elif opts.temperature != 1.0:
         z /= opts.temperature
-    if opts.softcap is not None:
-        z = torch.tanh(z.div_(opts.softcap)).mul_(opts.softcap)
     return z
 
 
@@ -89,11 +125,12 @@ def logits_grad(
     targets: torch.Tensor,
     opts: LogitOptions,
 ) -> torch.Tensor:
-    """G = (dL/dz ∘ s′)/τ from the §2 coefficients, overwriting ``z`` to save a tile."""
+    """G = (dL/dz ∘ s′(x))/τ from the §2 coefficients, overwriting ``z`` to save a tile.
+    ``z`` is the final logit s(x)/τ, so s(x)/c = τ·z/c."""
     A, B, C, D = (c[:, None] for c in coefs)
     cap_slope = None
-    if opts.softcap is not None:  # s′ = 1 − (s/c)², needs z before it is overwritten
-        cap_slope = 1.0 - (z / opts.softcap).square_()
+    if opts.softcap is not None:  # s′ = 1 − (τ·z/c)², needs z before it is overwritten
+        cap_slope = 1.0 - (z * (opts.temperature / opts.softcap)).square_()
     logp = z.sub_(lse[:, None]).sub_(lse_lo[:, None])
     p = torch.exp(logp)
     g = logp.mul_(B).add_(A).mul_(p).masked_fill_(p == 0, 0.0).add_(D)  # p = 0: no −inf·0 (see _p_times)

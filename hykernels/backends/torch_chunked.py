@@ -1,11 +1,14 @@
 """Token-chunked PyTorch backend: any device, memory O(chunk·V) instead of O(N·V).
 
 Each chunk of rows materialises its [chunk, V] logits tile, forms the statistics and, for
-fused_loss, the gradient of the §5 loss in the same pass (6·N·D·V FLOPs). GEMMs run in the
-inputs' dtype; statistics, the logits tile and the dW accumulator are fp32 (fp64 for fp64).
+fused_loss, the gradient of the §5 loss in the same pass (6·N·D·V FLOPs). The logits GEMM
+gives fp32 for half inputs (_dense.gemm: out_dtype on CUDA, else the weight upcast block by
+block); the gradient GEMMs run in the inputs' dtype; statistics, the logits tile and the dW
+accumulator are fp32 (fp64 for fp64).
 
 Workspace beyond inputs/outputs: a few [chunk, V] fp32 tiles (the chunk is sized so one tile
-is about TILE_BYTES) plus, for fp16/bf16 weights, the fp32 dW accumulator.
+is about TILE_BYTES) plus, for fp16/bf16 weights, the fp32 dW accumulator and, off CUDA, the
+chunk's hidden rows in fp32 and one ≤ _dense.WEIGHT_BLOCK_BYTES fp32 block of the weight.
 """
 from __future__ import annotations
 

@@ -1,9 +1,17 @@
 """transformers CausalLMs: last hidden states and the lm_head, so hykernels never needs logits.
 
 Works for any model whose logits are ``lm_head(hidden)`` up to the scalings HF models apply:
-Gemma-2/3's final logit softcap, Granite's ``logits_scaling`` (a divisor: our temperature) and
-Cohere's ``logit_scale`` (a multiplier: 1/temperature). Tied embeddings need nothing special:
-the output embedding *is* the input embedding's weight.
+Gemma-2/3's final logit softcap, and a multiplier α on the lm_head's output (as TRL reads them):
+Cohere's ``logit_scale``, Muse Glimmer's ``output_multiplier``, Falcon-H1's ``lm_head_multiplier``,
+Granite's and MiniCPM3's ``logits_scaling`` (a divisor; HyperCLOVA X's multiplies). Tied embeddings
+need nothing special: the output embedding *is* the input embedding's weight.
+
+hykernels forms z = s(hidden·Wᵀ + b)/temperature (hytuning.md §1): the model's softcap first,
+then the temperature, as TRL, verl and vLLM divide the model's (already softcapped) logits by
+their sampling temperature. So a sampler's temperature T multiplies into ``LMHead.temperature``
+(``dict(head.kwargs(), temperature=head.temperature * T)``), softcap or not. The model's α comes
+before its softcap c: c·tanh(α·x/c) = α·s(x) with the softcap c/α, so ``lm_head`` returns
+softcap c/α and temperature 1/α.
 """
 from __future__ import annotations
 
@@ -34,13 +42,22 @@ def lm_head(model) -> LMHead:
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"model: {type(model).__name__} has no linear output embedding (lm_head)")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    temperature = 1.0
-    if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
-        temperature = float(config.logits_scaling)
-    if getattr(config, "logit_scale", None):  # Cohere: logits * logit_scale
-        temperature = 1.0 / float(config.logit_scale)
-    return LMHead(weight=head.weight, bias=getattr(head, "bias", None),
-                  softcap=getattr(config, "final_logit_softcapping", None) or None, temperature=temperature)
+    temperature = _model_temperature(config)
+    softcap = getattr(config, "final_logit_softcapping", None) or None
+    if softcap is not None:  # the model scales before it softcaps: c·tanh(α·x/c) = α·s_{c/α}(x), α = 1/temperature
+        softcap = float(softcap) * temperature
+    return LMHead(weight=head.weight, bias=getattr(head, "bias", None), softcap=softcap, temperature=temperature)
+
+
+def _model_temperature(config) -> float:
+    """1/α for the multiplier α the model applies to the lm_head's output (TRL's add_fused_lm_head reading)."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):  # Cohere, Muse Glimmer, Falcon-H1
+        if getattr(config, name, None) is not None:
+            return 1.0 / float(getattr(config, name))
+    if getattr(config, "logits_scaling", None) is not None:  # Granite, MiniCPM3: a divisor; HyperCLOVA X: a multiplier
+        scaling = float(config.logits_scaling)
+        return 1.0 / scaling if getattr(config, "model_type", None) == "hyperclovax" else scaling
+    return 1.0
 
 
 def last_hidden_states(model, input_ids, *, position_ids=None, attention_mask=None) -> torch.Tensor:
