@@ -5,7 +5,11 @@
 #                                           # N=16384 D=4096 V=151936 bf16, Triton n_regs/n_spills, 8192³ matmul
 #   bash bench/gpu_check.sh test  OUT_DIR   # the gpu-marked tests, then the whole suite, per-test timeout, no -x
 #   bash bench/gpu_check.sh bench OUT_DIR   # bench/run.py --preset lmhead (hykernels paths first), timeout 540
-#   bash bench/gpu_check.sh all   OUT_DIR   # the three in a row (only where no 10-minute limit applies)
+#   bash bench/gpu_check.sh probes OUT_DIR  # bench/bench_probes.py: PRG probes on a random-init Qwen2.5-1.5B shape,
+#                                           # 4,000 reasoning tokens, K=16, packed (FlexAttention block mask) vs
+#                                           # separate vs batched, bf16 -> OUT_DIR/probes-gpu.json, then fp32 in the
+#                                           # time left -> probes-gpu-fp32.json; timeout 540 in all
+#   bash bench/gpu_check.sh all   OUT_DIR   # the four in a row (only where no 10-minute limit applies)
 #
 # OUT_DIR defaults to $OUT, else /tmp/hk-gpu. Everything printed is also in OUT_DIR/gpu_check-<stage>.log,
 # each step's output in its own log beside it; JSON results are rewritten as they finish, so a kill keeps
@@ -14,12 +18,13 @@
 # (pip download --no-deps -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1), hykernels in editable
 # mode without dependencies (the machine's torch and triton stay), the device and versions in
 # OUT_DIR/device.txt. HK_SKIP_INSTALL=1 skips the pip installs, SMOKE_ARGS adds flags to bench/smoke.py,
-# HK_GPU_CACHE moves the cache folder
-# (the CPU test runs `HK_SKIP_INSTALL=1 SMOKE_ARGS="--n 64 --d 32 --v 301 --dtype float32" ... smoke`).
+# PROBES_ARGS to bench/bench_probes.py (later flags win), HK_GPU_CACHE moves the cache folder
+# (the CPU tests run `HK_SKIP_INSTALL=1 SMOKE_ARGS="--n 64 --d 32 --v 301 --dtype float32" ... smoke` and
+# `HK_SKIP_INSTALL=1 PROBES_ARGS="--device cpu --layers 1 --reasoning-tokens 40 ..." ... probes`).
 set -uo pipefail
 stage=${1:-}
-case "$stage" in smoke|test|bench|all) ;; *)
-  echo "usage: bash bench/gpu_check.sh {smoke|test|bench|all} [OUT_DIR]" >&2; exit 2 ;;
+case "$stage" in smoke|test|bench|probes|all) ;; *)
+  echo "usage: bash bench/gpu_check.sh {smoke|test|bench|probes|all} [OUT_DIR]" >&2; exit 2 ;;
 esac
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${2:-${OUT:-/tmp/hk-gpu}}
@@ -113,6 +118,32 @@ bench() {  # hykernels paths first; every finished result is already in the JSON
   step bench "$secs" "$PY" bench/run.py --device cuda --preset lmhead --out "$out/gpu-lmhead.json"
 }
 
+probes() {  # ~2-3 min expected (flex compile + 2 x 17 separate forwards of up to 4.1k tokens); each path
+  # has its own 240 s alarm and the JSON is rewritten after every path, so a timeout keeps what ran.
+  # Then, in whatever time is left, the same at fp32 (one trace, one repeat): the support difference
+  # without bf16 rounding, so a mask error cannot hide in it.
+  local t0=$SECONDS secs=540 left rc
+  if [ "$stage" = probes ]; then  # less whatever the prologue took beyond 30 s
+    secs=$((570 - SECONDS))
+    ((secs > 540)) && secs=540
+    ((secs < 60)) && secs=60
+  fi
+  local args=(bench/bench_probes.py --device cuda --model-shape qwen2.5-1.5b --reasoning-tokens 4000 --steps 16
+              --attn flex)
+  # shellcheck disable=SC2086  # PROBES_ARGS: extra flags, e.g. a CPU dry run at a tiny size
+  step probes "$secs" "$PY" "${args[@]}" --traces 2 --repeats 3 --out "$out/probes-gpu.json" ${PROBES_ARGS:-}
+  rc=$?
+  left=$((secs - (SECONDS - t0)))
+  if ((left >= 60)); then
+    # shellcheck disable=SC2086
+    step probes-fp32 "$left" "$PY" "${args[@]}" --traces 1 --repeats 1 --dtype float32 \
+      --out "$out/probes-gpu-fp32.json" ${PROBES_ARGS:-} || rc=$?
+  else
+    echo "=== probes-fp32: skipped, ${left}s left"
+  fi
+  return "$rc"
+}
+
 main() {
   echo "gpu_check $stage -> $out ($(date -u +%FT%TZ))"
   prologue
@@ -120,7 +151,8 @@ main() {
     smoke) smoke ;;
     test) run_tests ;;
     bench) bench ;;
-    all) smoke; run_tests; bench ;;
+    probes) probes ;;
+    all) smoke; run_tests; bench; probes ;;
   esac
   local rc=$?
   echo "gpu_check $stage: done, exit $rc ($(date -u +%FT%TZ)); files in $out:"

@@ -169,20 +169,3 @@ def test_packed_support_on_smollm2():
         packed = probe_support(model, batch)
         separate = separate_support(model, traces, cue, delim)
     assert (packed.double() - separate).abs().max() <= 1e-4
-
-
-def test_probe_benchmark_runs_at_toy_size(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "probes.json"
-    r = subprocess.run([sys.executable, str(root / "bench" / "bench_probes.py"), "--tiny", "--steps", "2", "8",
-                        "--traces", "2", "--repeats", "1", "--out", str(out)], capture_output=True, text=True,
-                       timeout=300, cwd=root)
-    assert r.returncode == 0, r.stdout + r.stderr
-    rows = json.loads(out.read_text())["rows"]
-    assert [row["K"] for row in rows] == [2, 8]
-    assert all(row["packed_tokens"] < row["separate_tokens"] and row["max_abs_support_diff"] < 1e-4 for row in rows)
