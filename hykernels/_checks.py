@@ -268,18 +268,10 @@ def _sequences(seq_ids, lead: tuple, device, advantages, sequence_level: bool) -
         return torch.arange(rows, device=device).repeat_interleave(lead[-1]), rows
     seq_ids = _tensor("seq_ids", seq_ids)
     _int_dtype("seq_ids", seq_ids)
-    if tuple(seq_ids.shape) != tuple(lead):
-        raise ValueError(f"seq_ids: expected shape {list(lead)} (like targets), got {list(seq_ids.shape)}")
-    _same_device("seq_ids", seq_ids, device)
-    ids = seq_ids.reshape(-1).long()
-    num = per_seq if per_seq is not None else int(ids.max()) + 1  # one sync
-    bad = (ids < -1) | (ids >= num)
-    if _value_checks and bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        why = " = len(advantages)" if per_seq is not None else ""
-        raise ValueError(f"seq_ids: expected ids in [-1, {num}) (-1: no sequence; {num}{why}), got "
-                         f"{int(ids[row])} at token {row}")
-    return torch.where(bad, torch.full_like(ids, -1), ids), max(num, 0)
+    num = per_seq if per_seq is not None else int(seq_ids.max()) + 1  # one sync
+    ids = check_seq_ids(seq_ids, num, lead, device)
+    # with value checks off, an id out of range counts towards no sequence (never indexed)
+    return torch.where((ids < -1) | (ids >= num), torch.full_like(ids, -1), ids), max(num, 0)
 
 
 def _broadcast_per_sequence(name: str, value: torch.Tensor, ids: torch.Tensor, num: int, device) -> torch.Tensor:
