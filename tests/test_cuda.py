@@ -151,7 +151,9 @@ def test_wheel_ships_the_sources(tmp_path):
 def test_auto_picks_cuda_on_a_gpu():
     from hykernels import backends
 
-    assert cuda._fp32_output_gemms(torch.device("cuda", torch.cuda.current_device())) is None
+    from hykernels.backends import _dense
+
+    assert _dense.fp32_output_gemm_error(torch.device("cuda", torch.cuda.current_device())) is None
     assert backends.resolve("auto", torch.device("cuda"), torch.bfloat16).NAME == "cuda"
 
 

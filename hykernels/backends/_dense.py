@@ -6,6 +6,7 @@ construction, and the reference stays a few lines long.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -23,7 +24,26 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 # Half-precision operands are upcast one vocabulary block of the weight at a time: at most
 # this many bytes of fp32 weight copy live at once (never the whole V·D·4 bytes).
 WEIGHT_BLOCK_BYTES = 32 * 2**20
-_MM_OUT_DTYPE = {}  # device type -> whether torch.mm(..., out_dtype=) works there
+
+
+@functools.lru_cache(maxsize=None)
+def fp32_output_gemm_error(device: torch.device) -> Optional[str]:
+    """None if torch.mm and torch.addmm of bf16/fp16 operands with ``out_dtype=torch.float32``
+    (cuBLAS with an fp32 output) work on ``device``, else why not: torch < 2.8 lacks the schema,
+    CPU torch has no kernel for it, and not every build and GPU runs it. The exact calls gemm()
+    and the cuda backend make, probed once per device."""
+    try:
+        for dtype in (torch.bfloat16, torch.float16):
+            a = torch.ones(2, 3, dtype=dtype, device=device)
+            out = torch.empty(2, 2, dtype=torch.float32, device=device)
+            torch.mm(a, a.T, out_dtype=torch.float32, out=out)
+            torch.addmm(out, a, a.T, alpha=0.5, out_dtype=torch.float32, out=out)
+            if out[0, 0].item() != 4.5:
+                return f"torch.addmm(..., out_dtype=torch.float32) gave a wrong result for {dtype} on {device}"
+    except (RuntimeError, TypeError) as exc:
+        return (f"torch.mm/addmm(..., out_dtype=torch.float32) (torch >= 2.8), which failed on {device} with "
+                f"torch {torch.__version__}: {str(exc).splitlines()[0]}")
+    return None
 
 
 def gemm(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -36,14 +56,8 @@ def gemm(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torc
     its columns of the fp32 output. Memory beyond the [rows, V] output: rows·D·4 + that block."""
     if hidden.dtype == dtype and weight.dtype == dtype:
         return hidden @ weight.T
-    dev = hidden.device.type
-    if dev == "cuda" and _MM_OUT_DTYPE.get(dev, True):
-        try:
-            return torch.mm(hidden, weight.T, out_dtype=dtype)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError, NotImplementedError):  # torch < 2.8, or no such kernel here
-            _MM_OUT_DTYPE[dev] = False
+    if hidden.is_cuda and dtype == torch.float32 and fp32_output_gemm_error(hidden.device) is None:
+        return torch.mm(hidden, weight.T, out_dtype=dtype)
     h = hidden.to(dtype)
     vocab, dim = weight.shape
     step = max(1, WEIGHT_BLOCK_BYTES // (dim * torch.finfo(dtype).bits // 8))

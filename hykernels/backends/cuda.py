@@ -42,6 +42,7 @@ from .._checks import target_mask
 from .._grad import fp16_grad_scale, grad_bound, loss_by_recompute, loss_coefficients
 from .._partials import Partials, finish
 from .._types import PRG_VARIANTS, LogitOptions, LossTerms, RowCoefs, TokenStats
+from . import _dense
 
 NAME = "cuda"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 statistics: fp64 is refused
@@ -91,35 +92,15 @@ def _ext():
     return _state["ext"]
 
 
-@functools.lru_cache(maxsize=None)
-def _fp32_output_gemms(device: torch.device) -> Optional[str]:
-    """None if the exact calls this backend makes work on ``device``: torch.mm and torch.addmm of
-    bf16/fp16 operands with ``out_dtype=torch.float32`` (cuBLAS with an fp32 output; torch 2.8+
-    has the schema, but not every build and GPU runs it). Otherwise why not: auto dispatch then
-    falls back to the triton backend."""
-    try:
-        for dtype in (torch.bfloat16, torch.float16):
-            a = torch.ones(2, 3, dtype=dtype, device=device)
-            out = torch.empty(2, 2, dtype=torch.float32, device=device)
-            torch.mm(a, a.T, out_dtype=torch.float32, out=out)
-            torch.addmm(out, a, a.T, alpha=0.5, out_dtype=torch.float32, out=out)
-            if out[0, 0].item() != 4.5:
-                return f"torch.addmm(..., out_dtype=torch.float32) gave a wrong result for {dtype} on {device}"
-    except (RuntimeError, TypeError) as exc:
-        return (f"the cuda backend needs torch.mm/addmm(..., out_dtype=torch.float32) (torch >= 2.8), which failed "
-                f"on {device} with torch {torch.__version__}: {str(exc).splitlines()[0]}")
-    return None
-
-
 def availability(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return f"the cuda backend needs a CUDA device; got {device.type}"
     if torch.version.cuda is None or not torch.cuda.is_available():
         return "this torch build has no usable CUDA"
     device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-    reason = _fp32_output_gemms(device)
-    if reason is not None:
-        return reason
+    reason = _dense.fp32_output_gemm_error(device)
+    if reason is not None:  # auto dispatch then falls back to the triton backend
+        return f"the cuda backend needs {reason}"
     try:
         _ext()
     except RuntimeError as exc:
