@@ -91,6 +91,39 @@ class HostPeak:
         return (self.peak_kib - self.baseline_kib) * 1024
 
 
+class PeakMemory:
+    """Peak memory above what was in use at ``start()``, on ``device``: ``start(); ...; extra =
+    stop()`` (bytes), ``method`` saying how it was read. CUDA: torch.cuda.max_memory_allocated
+    after a synchronize and a peak reset, less memory_allocated then (``peak_total`` keeps the
+    absolute peak). CPU: the RSS high-water mark (HostPeak) after returning freed heap pages."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def start(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated - memory_allocated at the start (peak stats reset)"
+        else:
+            trim_malloc()
+            self.host = HostPeak()
+            self.host.start()
+
+    def stop(self) -> int:
+        import torch
+
+        if self.device.type == "cuda":
+            self.peak_total = torch.cuda.max_memory_allocated(self.device)
+            return self.peak_total - self.base
+        extra = self.host.stop()
+        self.method = self.host.method
+        return extra
+
+
 # --------------------------------------------------------------------------------------------
 # machine and versions
 # --------------------------------------------------------------------------------------------

@@ -220,13 +220,8 @@ def measure(fn, device, repeats: int, row: dict) -> torch.Tensor:
     sync(device)
     row["first_call_s"] = time.perf_counter() - t0
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        _common.trim_malloc()
-        host = _common.HostPeak()
-        host.start()
+    peak = _common.PeakMemory(device)
+    peak.start()
     checks = _checks.checks_enabled()
     hk.set_checks(False)
     row["times_s"] = times = []
@@ -245,11 +240,9 @@ def measure(fn, device, repeats: int, row: dict) -> torch.Tensor:
                 times.append(time.perf_counter() - t0)
     finally:
         hk.set_checks(checks)
+    row["peak_bytes"] = peak.stop()
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        row.update(peak_bytes=peak - base, peak_total_bytes=peak)
-    else:
-        row["peak_bytes"] = host.stop()
+        row["peak_total_bytes"] = peak.peak_total
     row["median_s"] = statistics.median(times)
     return result
 

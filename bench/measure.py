@@ -245,24 +245,14 @@ def measure_case(job: dict, case: dict, device: torch.device) -> tuple[dict, dic
         x = sets[r % k]
         _clear(x)
         if r == 0:  # the first timed repeat is also the memory measurement (on set 0)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            else:
-                peak = _common.HostPeak()
-                peak.start()
+            peak = _common.PeakMemory(device)  # above the inputs of all sets
+            peak.start()
         fwd, bwd, loss, extras = one_step(fn, x, device)
         if r == 0:
-            if device.type == "cuda":
-                extra_bytes = torch.cuda.max_memory_allocated(device) - base
-                method = "torch.cuda.max_memory_allocated - memory_allocated before (inputs of all sets)"
-            else:
-                extra_bytes = peak.stop()
-                method = peak.method
+            extra_bytes = peak.stop()
             io = nbytes(x["hidden"].grad, x["weight"].grad, loss, *extras.values())
             row.update(peak_extra_bytes=extra_bytes, io_bytes=io, peak_above_io_bytes=extra_bytes - io,
-                       memory_method=method)
+                       memory_method=peak.method)
         del loss, extras
         _clear(x)
         fwds.append(fwd)

@@ -175,23 +175,14 @@ def run_op(op: str, backend: str, x: dict, ref: dict | None, device, repeats: in
     fwds, bwds = [], []
     for r in range(repeats):
         _clear(x)
-        if r == 0:  # the first timed step is also the memory measurement
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            else:
-                _common.trim_malloc()
-                peak = _common.HostPeak()
-                peak.start()
+        if r == 0:  # the first timed step is also the memory measurement, above the inputs
+            peak = _common.PeakMemory(device)
+            peak.start()
         fwd, bwd, loss, outs = one_step(fn, x, device)
         if r == 0:
-            if device.type == "cuda":
-                extra = torch.cuda.max_memory_allocated(device) - base
-                row["memory_method"] = "torch.cuda.max_memory_allocated - memory_allocated after the inputs exist"
-            else:
-                extra = peak.stop()
-                row["memory_method"] = peak.method + " (in the smoke process: approximate)"
+            extra = peak.stop()
+            approximate = "" if device.type == "cuda" else " (in the smoke process: approximate)"
+            row["memory_method"] = peak.method + approximate
             io = nbytes(x["hidden"].grad, x["weight"].grad, loss, *outs.values())
             row.update(peak_extra_bytes=extra, io_bytes=io, peak_above_io_bytes=extra - io)
         del loss, outs
