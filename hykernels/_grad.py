@@ -10,6 +10,7 @@ both ~|z|; here entropy contributes A = −g·H, B = −g). This module turns up
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -160,6 +161,12 @@ def loss_by_recompute(token_stats, token_stats_backward, hidden, weight, bias, t
         grads = token_stats_backward(hidden, weight, bias, targets, opts, stats.lse, lse_lo, coefs, needs)
     return loss.sum(), stats, *grads
 
+
+# dW accumulation of the chunked backends (cuda, triton) for bf16 weights: False sums the chunks
+# straight into the bf16 gradient (fp32 inside each chunk's GEMM, one rounding per chunk, as
+# Liger's fused linear cross-entropy); HYKERNELS_FP32_ACCUMULATE=1 keeps an fp32 accumulator
+# (V·D·4 bytes more, one rounding at the end). fp16 weights always accumulate in fp32 (range).
+FP32_ACCUMULATE = os.environ.get("HYKERNELS_FP32_ACCUMULATE", "0") == "1"
 
 # Scaled fp16 gradient tiles stay below this: full fp16 precision down to 2^-24 of it, and room
 # for a product with the weight (|S·dH| ≲ FP16_GRAD_BOUND·(2 + log V)·max|W|) below fp16's 65504.

@@ -44,7 +44,7 @@ def small_blocks(request, monkeypatch):
         from hykernels.backends import triton as tb
 
         wide = params.get("shape") == "realistic_vocab"  # 32k vocabulary: wider tiles keep it fast
-        monkeypatch.setattr(tb, "OVERRIDE", tb.Blocks(m=16, n=1024 if wide else 64, k=16, splits=3))
+        monkeypatch.setattr(tb._configs, "OVERRIDE", tb.Blocks(m=16, n=1024 if wide else 64, k=16, splits=3))
     if params.get("backend") in ("cuda", "cuda_emulated") and params.get("shape") in SLICED_SHAPES:
         from cases import SHAPES
         from cuda_emulator import sliced_workspace

@@ -61,7 +61,7 @@ def run(rank: int, world: int, init_file: str, backend: str, out_dir: str) -> No
     if backend == "triton":
         from hykernels.backends import triton as tb
 
-        tb.OVERRIDE = tb.Blocks(m=16, n=32, k=16, splits=2)  # several tiles and splits per shard
+        tb._configs.OVERRIDE = tb.Blocks(m=16, n=32, k=16, splits=2)  # several tiles and splits per shard
     group = dist.group.WORLD
     res, errors = {}, {}
     h, w, b, y, up = problem(1234)

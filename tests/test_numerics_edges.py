@@ -16,7 +16,7 @@ from conftest import DEVICE
 from test_token_stats import BACKENDS
 
 if "triton" in BACKENDS:
-    from hykernels.backends.triton._kernels import _indices
+    from hykernels.backends.triton._tiles import _indices
 
 N, D, V = 13, 11, 200
 MASKED = [3, 77, *range(128, V)]  # a few columns, and all of the last Triton split / cuda slice

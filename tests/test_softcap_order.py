@@ -18,7 +18,7 @@ try:
     import triton
     import triton.language as tl
 
-    from hykernels.backends.triton import _kernels
+    from hykernels.backends.triton import _tiles as _kernels
 
     @triton.jit
     def tanh_kernel(X, Y, n, BLOCK: tl.constexpr):

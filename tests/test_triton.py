@@ -62,7 +62,7 @@ def test_default_interpreter_blocks_match_reference(rng, monkeypatch):
     """The block choice without a test override: several row blocks, several vocab tiles."""
     from hykernels.backends import triton as tb
 
-    monkeypatch.setattr(tb, "OVERRIDE", None)
+    monkeypatch.setattr(tb._configs, "OVERRIDE", None)
     h = (torch.randn(70, 40, generator=rng) * 3).to(DEVICE)
     w = (torch.randn(1500, 40, generator=rng) / 6).to(DEVICE)
     y = torch.randint(0, 1500, (70,), generator=rng).to(DEVICE)
@@ -79,7 +79,7 @@ def test_default_interpreter_blocks_match_reference(rng, monkeypatch):
 def test_vocab_splits_merge_exactly(rng, monkeypatch, splits):
     from hykernels.backends import triton as tb
 
-    monkeypatch.setattr(tb, "OVERRIDE", tb.Blocks(m=16, n=32, k=16, splits=splits))
+    monkeypatch.setattr(tb._configs, "OVERRIDE", tb.Blocks(m=16, n=32, k=16, splits=splits))
     h = (torch.randn(20, 12, generator=rng) * 5).to(DEVICE)
     w = torch.randn(221, 12, generator=rng).to(DEVICE)
     y = torch.randint(0, 221, (20,), generator=rng).to(DEVICE)

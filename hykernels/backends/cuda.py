@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 from .._checks import target_mask
-from .._grad import fp16_grad_scale, grad_bound, loss_by_recompute, loss_coefficients
+from .._grad import FP32_ACCUMULATE, fp16_grad_scale, grad_bound, loss_by_recompute, loss_coefficients
 from .._partials import Partials, finish
 from .._types import PRG_VARIANTS, LogitOptions, LossTerms, RowCoefs, TokenStats
 from . import _dense
@@ -47,7 +47,6 @@ from . import _dense
 NAME = "cuda"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 statistics: fp64 is refused
 WORKSPACE_BYTES = int(os.environ.get("HYKERNELS_CUDA_WORKSPACE_MB", "768")) * 2**20
-FP32_ACCUMULATE = os.environ.get("HYKERNELS_FP32_ACCUMULATE", "0") == "1"
 LANES = 2  # streams (and workspaces) in flight
 ROW_ALIGN = 64  # token chunks are a multiple of this many rows: GEMM-friendly M
 _GRAD_OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc GradOut
