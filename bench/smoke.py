@@ -52,7 +52,8 @@ BACKENDS = ("cuda", "triton", "torch_chunked")
 OPS = ("fused_loss", "token_stats")
 IGNORE_INDEX = -100
 TOLERANCE = {"float64": 1e-9, "float32": 2e-3, "bfloat16": 3e-2, "float16": 3e-2}  # as bench/measure.py
-TRITON_MODULE = "hykernels.backends.triton._kernels"
+# The modules holding the triton backend's kernels, one per pass.
+TRITON_MODULES = tuple(f"hykernels.backends.triton.{m}" for m in ("_logits_fwd", "_logits_grad", "_grad_gemm"))
 
 
 def log(msg: str) -> None:
@@ -219,16 +220,20 @@ def _jsonable(value):
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
 
 
-def triton_kernel_stats(module_name: str = TRITON_MODULE) -> dict:
-    """Every triton.JITFunction of ``module_name`` (unwrapping autotune/heuristics) and, for each
-    compiled variant, n_regs, n_spills, num_warps, num_stages and shared memory bytes."""
+def triton_kernel_stats(module_names=TRITON_MODULES) -> dict:
+    """Every triton.JITFunction of the modules ``module_names`` (one name or several; unwrapping
+    autotune/heuristics; names starting with _ are shared device functions, skipped) and, for
+    each compiled variant, n_regs, n_spills, num_warps, num_stages and shared memory bytes."""
     import importlib
 
     from triton.runtime.jit import JITFunction, KernelInterface
 
-    mod = importlib.import_module(module_name)
-    out = {"module": module_name, "interpreter": os.environ.get("TRITON_INTERPRET") == "1", "kernels": {}}
-    for name, obj in sorted(vars(mod).items()):
+    names = (module_names,) if isinstance(module_names, str) else tuple(module_names)
+    out = {"modules": list(names), "interpreter": os.environ.get("TRITON_INTERPRET") == "1", "kernels": {}}
+    objects = {}
+    for module_name in names:
+        objects.update({k: v for k, v in vars(importlib.import_module(module_name)).items() if not k.startswith("_")})
+    for name, obj in sorted(objects.items()):
         if not isinstance(obj, KernelInterface):
             continue
         fn = obj
@@ -299,7 +304,7 @@ def table(report: dict) -> str:
                      f"{'-' if corr is None else ('ok' if corr else f'**WRONG** ({worst})')} |")
     tk = report.get("triton_kernels")
     if tk and tk.get("kernels"):
-        lines += ["", f"Triton kernels ({tk['module']}):", "",
+        lines += ["", f"Triton kernels ({', '.join(tk['modules'])}):", "",
                   "| kernel | n_regs | n_spills | warps | stages | shared B |", "|---|---:|---:|---:|---:|---:|"]
         for name, k in tk["kernels"].items():
             if not k["variants"]:

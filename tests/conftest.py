@@ -22,7 +22,8 @@ if DEVICE.type == "cpu":  # the cuda backend's Python side, its kernels emulated
     cuda_emulator.load()
     BACKENDS.append(cuda_emulator.NAME)
 # Shapes on which the cuda backends get a workspace smaller than a row's vocabulary, forcing
-# several vocabulary slices per chunk (the other shapes take the whole-row, 6·N·D·V path).
+# several vocabulary slices per chunk, and the triton backend one smaller than a chunk of fp32
+# logits, forcing fused_loss's recompute path (the other shapes take the 6·N·D·V path).
 SLICED_SHAPES = ("ragged", "realistic_vocab")
 
 
@@ -37,14 +38,20 @@ def rng():
 @pytest.fixture(autouse=True)
 def small_blocks(request, monkeypatch):
     """Triton tests use small tiles and several vocabulary splits, so ragged shapes span many
-    partial tiles and the online-softmax rebasing and split merge are exercised; the cuda
-    backends get a workspace that holds a third of a row on SLICED_SHAPES."""
+    partial tiles and the online-softmax rebasing and split merge are exercised; on SLICED_SHAPES
+    the cuda backends get a workspace that holds a third of a row, and triton's fused_loss takes
+    its recompute path."""
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     if params.get("backend") == "triton":
         from hykernels.backends import triton as tb
 
         wide = params.get("shape") == "realistic_vocab"  # 32k vocabulary: wider tiles keep it fast
         monkeypatch.setattr(tb._configs, "OVERRIDE", tb.Blocks(m=16, n=1024 if wide else 64, k=16, splits=3))
+        if params.get("shape") in SLICED_SHAPES:  # a chunk of fp32 logits does not fit: the recompute path
+            from cases import SHAPES
+
+            _, _, vocab, *_, chunk = SHAPES[params["shape"]]
+            monkeypatch.setattr(tb, "WORKSPACE_BYTES", chunk * tb._padded(vocab) * 4 - 1)
     if params.get("backend") in ("cuda", "cuda_emulated") and params.get("shape") in SLICED_SHAPES:
         from cases import SHAPES
         from cuda_emulator import sliced_workspace

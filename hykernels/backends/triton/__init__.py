@@ -76,13 +76,14 @@ def availability(device: torch.device) -> Optional[str]:
     return f"triton kernels need a CUDA device (or TRITON_INTERPRET=1 set before import, for tests); got {device.type}"
 
 
-def chunk_rows(n: int, vocab: int, opts: LogitOptions, entry_bytes: int) -> int:
+def chunk_rows(n: int, vocab: int, opts: LogitOptions, entry_bytes: int, budget: Optional[int] = None) -> int:
     """Rows per chunk whose workspace of ``entry_bytes`` per padded vocabulary entry fits
-    WORKSPACE_BYTES (``opts.chunk_size`` if given); 0 if not even one row fits."""
+    ``budget`` (default WORKSPACE_BYTES; ``opts.chunk_size`` if given); 0 if not even one row fits."""
+    budget = WORKSPACE_BYTES if budget is None else budget
     if opts.chunk_size is not None:
         rows = min(n, opts.chunk_size)
-        return rows if rows * _padded(vocab) * entry_bytes <= WORKSPACE_BYTES else 0
-    rows = WORKSPACE_BYTES // (_padded(vocab) * entry_bytes)
+        return rows if rows * _padded(vocab) * entry_bytes <= budget else 0
+    rows = budget // (_padded(vocab) * entry_bytes)
     return min(n, rows // ROW_ALIGN * ROW_ALIGN if rows >= ROW_ALIGN else rows)
 
 
@@ -93,12 +94,17 @@ def _padded(vocab: int) -> int:
 def split_plan(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
     """(split width, splits) of logits_fwd's vocabulary: enough programs to fill the device
     (assuming 128-row blocks), widths a multiple of every candidate BLOCK_N."""
-    explicit = _configs.explicit(device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    return split_for(rows, vocab, sms, _configs.explicit(device))
+
+
+def split_for(rows: int, vocab: int, sms: Optional[int], explicit: Optional[Blocks] = None) -> tuple[int, int]:
+    """split_plan on a GPU of ``sms`` multiprocessors (None: not a GPU) launching every kernel
+    with ``explicit`` Blocks (None: autotuned); pure, for bench/roofline.py."""
     align = explicit.n if explicit is not None else _configs.SPLIT_ALIGN
     if explicit is not None and explicit.splits is not None:
         want = explicit.splits
-    elif device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    elif sms is not None:
         want = math.ceil(2 * sms / math.ceil(max(rows, 1) / 128))
     else:
         want = 1
@@ -226,7 +232,7 @@ def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs
 
     x = _Call(hidden, weight, bias, targets, opts)
     grads = _Grads(x, weight, bias, needs)
-    rows = max(1, chunk_rows(x.n, x.vocab, opts, hidden.element_size()))
+    rows = opts.chunk_size or max(1, chunk_rows(x.n, x.vocab, opts, hidden.element_size()))
     work = torch.empty(min(rows, x.n), _padded(x.vocab), dtype=x.dtype, device=x.device)
     for sl in x.chunks(rows):
         c = sl.stop - sl.start
