@@ -17,7 +17,7 @@ the inputs exist; CPU: the RSS high-water mark), useful TFLOP/s = 6·N·D·V / (
 efficiency against the matmul timed in the same process (GPU: bf16 8192³), and the relative
 error ‖got − ref‖/‖ref‖ of the loss, logp, entropy and both gradients against a chunked fp32
 reference (the torch_chunked backend on fp32 copies of the inputs, computed once per op).
-After the triton backend ran, every triton.JITFunction in hykernels.backends.triton._kernels is
+After the triton backend ran, every kernel in its pass modules (TRITON_MODULES) is
 listed with each compiled variant's n_regs, n_spills, warps, stages and shared memory (read from
 the JIT cache; under TRITON_INTERPRET=1 nothing is compiled and it says so).
 
