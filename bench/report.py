@@ -19,6 +19,7 @@ from pathlib import Path
 import _common
 from measure import TOLERANCE
 from peers import IMPLS
+from roofline import case_key
 
 
 def now_utc() -> str:
@@ -83,11 +84,17 @@ def annotate(report: dict) -> None:
     to the baseline implementation and its targets (config "baseline", "targets")."""
     cases = {c["id"]: c for c in report["cases"]}
     mm = (report.get("ceiling") or {}).get("matmul")
+    on_gpu = report["device"].get("kind") == "cuda"
+    model = {case_key(e): e for e in (report.get("roofline") or {}).get("cases", [])}
     for r in report["results"]:
         c = cases[r["case"]]
         r.update({k: c[k] for k in ("workload", "model", "D", "V", "N", "dtype")})
         if r["status"] == "ok" and mm and r.get("useful_tflops") is not None and "efficiency" not in r:
             r["efficiency"] = r["useful_tflops"] / mm["tflops"]  # merged parts keep their own
+        m = model.get(case_key(c))
+        if on_gpu and m and r["impl"] == "hk_triton" and r["status"] == "ok" and r.get("total_ms"):
+            r["roofline"] = {k: m[k] for k in ("fwd_ms", "bwd_ms", "total_ms", "ideal_ms")}
+            r["roofline"]["measured_over_roofline"] = r["total_ms"] / m["total_ms"]
     base, targets = report["config"].get("baseline"), report["config"].get("targets") or {}
     if not base:
         return
@@ -182,6 +189,11 @@ def markdown_table(report: dict) -> str:
     if base:
         cols += [f"time ×{base}", f"mem ×{base}"]
         align += ["---:", "---:"]
+    roof = any(r.get("roofline") for r in report["results"])
+    if roof:
+        head += "; ×roofline = fwd+bwd over bench/roofline.py's time for hk_triton (roofline ms)"
+        cols.append("×roofline")
+        align.append("---:")
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "|".join(align) + "|"]
     for r in report["results"]:
         if r["status"] == "skipped":
@@ -200,6 +212,9 @@ def markdown_table(report: dict) -> str:
             for key, met in (("time", "time_target_met"), ("peak_memory", "memory_target_met")):
                 cells.append("-" if vs.get(key) is None else
                              f"{vs[key]:.2f}" + ("" if vs.get(met, True) else " (MISSED)"))
+        if roof:
+            m = r.get("roofline")
+            cells.append(f"{m['measured_over_roofline']:.2f} ({_fmt_ms(m['total_ms'])})" if m else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -311,6 +326,10 @@ def merge(files: list[str], out: Path, no_plot: bool = False, strict: bool = Fal
             cases.append(dict(c, id=len(cases)))
         results += [dict(r, case=remap[r["case"]]) for r in part["results"]]
         impls += [i for i in part["config"]["impls"] if i not in impls]
+    roofs = [e for p in parts for e in (p.get("roofline") or {}).get("cases", [])]
+    if roofs:
+        report["roofline"] = dict(next(p["roofline"] for p in parts if p.get("roofline")),
+                                  cases=list({case_key(e): e for e in roofs}.values()))
     report.update(cases=cases, results=results, config=dict(parts[0]["config"], impls=impls),
                   command=shlex.join([sys.executable] + sys.argv), argv=sys.argv, timestamp_utc=now_utc(),
                   complete=all(p.get("complete", True) for p in parts), interrupted=None,

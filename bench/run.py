@@ -33,7 +33,9 @@ torch.cuda.max_memory_allocated; one process per implementation. CPU: wall clock
 the kernel's RSS high-water mark, each (implementation, case) in a fresh process.
 
 Results: bench/results/<device>-<date>[-<preset>].json (or --out) with the device, versions and
-the exact command; a PNG plot beside it (needs matplotlib); a markdown table printed last.
+the exact command; a PNG plot beside it (needs matplotlib); a markdown table printed last. With
+hk_triton, the JSON's "roofline" section holds bench/roofline.py's model of its passes at every
+case, and on a GPU the table sets its measured time beside the roofline time (×roofline).
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ import torch  # noqa: E402
 import _common  # noqa: E402
 import measure  # noqa: E402
 import report as reporting  # noqa: E402
+import roofline  # noqa: E402
 from peers import DEFAULT_IMPLS, DTYPES, IMPLS, INTERPRETER_MAX_NDV, PUBLIC_IMPLS, WORKLOADS, in_run_order  # noqa: E402
 
 # name -> (hidden size D, vocabulary V) of the model's lm_head
@@ -182,6 +185,8 @@ def parent(args) -> int:
         rep["device_name"] = rep["device"].get("name") or rep["device"].get("lscpu_model_name") or device
         if out is None:
             out = default_out("cpu" if device == "cpu" else rep["device_name"])
+        if "hk_triton" in impls:  # its FLOPs, bytes and roofline time at every case
+            rep["roofline"] = roofline.bench_section(cases, rep["device"].get("multi_processor_count"))
         if "matmul" in ceiling:
             log(f"  {ceiling['matmul']['dtype']} {ceiling['matmul']['size']}³ matmul: "
                 f"{ceiling['matmul']['tflops']:.3g} TFLOP/s")
