@@ -118,7 +118,9 @@ def check_replicated(hidden: torch.Tensor, targets: torch.Tensor, shard: VocabSh
             "hidden/targets: differ across the ranks of the vocab-parallel group. A vocabulary-sharded weight "
             "(process_group=, or a Shard(0) DTensor) is read as a tensor-parallel lm_head, which needs the same "
             "hidden and targets on every rank. For an FSDP2-sharded weight call hykernels where the parameter is "
-            "unsharded (inside the wrapped module's forward) or pass weight.full_tensor().")
+            "unsharded (inside the wrapped module's forward) or pass "
+            "weight.full_tensor(grad_placements=[Partial(\"avg\")]), which averages and reduce-scatters its gradient "
+            "as FSDP2 does (a plain full_tensor() reduces no gradient across the ranks).")
 
 
 class VocabParallel:
