@@ -60,8 +60,22 @@ def _model_temperature(config) -> float:
     return 1.0
 
 
+def _unwrapped(model):
+    """The transformers model inside a peft ``PeftModel`` (its LoRA layers in place), else ``model``.
+    A PeftModel forwards attribute reads to it, but ``getattr(peft_model, "model")`` is the whole
+    CausalLM, not its base model."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def last_hidden_states(model, input_ids, *, position_ids=None, attention_mask=None) -> torch.Tensor:
-    """[B, T, D] final hidden states (after the final norm), without forming logits."""
+    """[B, T, D] final hidden states (after the final norm), without forming logits.
+
+    Padding-free (packed) batches: sequences concatenated in a row, ``position_ids`` restarting at
+    0 for each and ``attention_mask=None``, as transformers' DataCollatorWithFlattening makes them;
+    the model's attention then keeps each sequence to itself (flash-attention's variable-length
+    kernels; sdpa/eager/flex get a block-diagonal causal mask from the position ids)."""
+    model = _unwrapped(model)
     base = getattr(model, model.base_model_prefix, None)
     if base is None:
         raise TypeError(f"model: {type(model).__name__} has no base model at .{model.base_model_prefix}")
