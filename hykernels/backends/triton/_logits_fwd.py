@@ -37,15 +37,19 @@ def logits_fwd(H, W, B, Y, Z, M_out, S_out, T_out, U_out, ZY_out, AM_out,
     zy = tl.zeros((BLOCK_M,), dtype=tl.float32)
     amax = tl.zeros((BLOCK_M,), dtype=tl.int32)
     seen = 0.0  # vocabulary entries folded in so far (for rebasing u)
+    if STORE_Z:
+        z_rows = Z + rows * stride_z  # the rows of the kept logits
     v_start = split * split_width
     v_end = tl.minimum(v_start + split_width, V)
     for v0 in range(v_start, v_end, BLOCK_N):
-        cols = tl.arange(0, BLOCK_N).to(tl.int64) + v0  # int64, as _indices
+        # int32 columns: vocabulary indices (< 2³¹); the int64 offset is formed once per row
+        # (z_rows). 64-bit offsets per stored logit made the epilogue spill registers at 128×128.
+        cols = tl.arange(0, BLOCK_N) + v0
         col_mask = cols < v_end
         z, _ = _logits_tile(H, W, B, pid_m * BLOCK_M, v0, N, V, D, stride_h, stride_w, inv_temp, softcap,
                             HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE, TMA)
         if STORE_Z:
-            tl.store(Z + rows[:, None] * stride_z + cols[None, :], z, mask=row_mask[:, None] & col_mask[None, :])
+            tl.store(z_rows[:, None] + cols[None, :], z, mask=row_mask[:, None] & col_mask[None, :])
         z = tl.where(col_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
         tile_arg = tl.argmax(z, axis=1).to(tl.int32) + v0
@@ -65,7 +69,7 @@ def logits_fwd(H, W, B, Y, Z, M_out, S_out, T_out, U_out, ZY_out, AM_out,
         amax = tl.where(tile_max > m, tile_arg, amax)  # strict: the first maximum wins
         m = new_m
         seen += tl.sum(col_mask.to(tl.float32), axis=0)
-    out = split * N + rows
+    out = split.to(tl.int64) * N + rows
     tl.store(M_out + out, m, mask=row_mask)
     tl.store(S_out + out, s, mask=row_mask)
     tl.store(T_out + out, t, mask=row_mask)

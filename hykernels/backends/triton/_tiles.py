@@ -75,12 +75,16 @@ def _grouped(pid, num_m, num_n, GROUP_M: tl.constexpr):
 def _tile(src, r0, c0, n_rows, n_cols, stride, BR: tl.constexpr, BC: tl.constexpr, TMA: tl.constexpr):
     """The [BR, BC] block at (r0, c0) of a row-major [n_rows, n_cols] matrix, zero outside it:
     one tensor-descriptor load (TMA zero-fills out of bounds), or masked pointer loads."""
+    # One return at the end: a return inside a compile-time branch does not end code generation,
+    # so the pointer code after it would still be compiled with a descriptor as ``src``.
     if TMA:
-        return src.load([r0, c0])
-    rows = tl.arange(0, BR).to(tl.int64) + r0
-    cols = tl.arange(0, BC) + c0
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    return tl.load(src + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+        tile = src.load([r0, c0])
+    else:
+        rows = tl.arange(0, BR).to(tl.int64) + r0
+        cols = tl.arange(0, BC) + c0
+        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+        tile = tl.load(src + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+    return tile
 
 
 @triton.jit
@@ -116,8 +120,10 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     if UPCAST:
         a, b = a.to(tl.float32), b.to(tl.float32)
     if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
@@ -133,7 +139,7 @@ def _logits_tile(H, W, B, r0, v0, N, V, D, stride_h, stride_w, inv_temp, softcap
         h = _tile(H, r0, k0, N, D, stride_h, BLOCK_M, BLOCK_K, TMA)
         w = _tile(W, v0, k0, V, D, stride_w, BLOCK_N, BLOCK_K, TMA)
         acc = _dot(h, tl.trans(w), acc, UPCAST, IEEE)
-    cols = tl.arange(0, BLOCK_N).to(tl.int64) + v0
+    cols = tl.arange(0, BLOCK_N) + v0  # int32: a vocabulary index (< 2³¹), never scaled by D here
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
     slope = tl.full((BLOCK_M, BLOCK_N), 1.0, dtype=tl.float32)
