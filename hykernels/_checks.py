@@ -132,7 +132,7 @@ def _nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
     # a sum that overflows from finite values only sends it to the exact test in
     # _raise_nonfinite. (sum(dtype=float64) would first copy the whole tensor to fp64 on CPU:
     # 1.8 GB for a 151936×1536 fp32 lm_head, on every call.)
-    return ~torch.isfinite(x.sum())
+    return ~torch.isfinite(x.detach().sum())  # detached: no autograd node for a check
 
 
 def _raise_nonfinite(named: Sequence[tuple[str, torch.Tensor]], flags: Sequence[bool]) -> None:

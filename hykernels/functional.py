@@ -130,20 +130,66 @@ class _SegmentSumFn(torch.autograd.Function):
         return g_out[segment_ids], None, None, None  # each row gets its segment's gradient
 
 
+class _AutocastOff:
+    """A backend whose calls, in forward and in backward, run with autocast off, as
+    torch.amp.custom_fwd runs a forward: its inputs are already in the autocast dtype
+    (_autocast_inputs), and its own fp32 upcasts and GEMMs must run as written, also when
+    backward() is called inside an autocast region."""
+
+    def __init__(self, impl, device_type: str):
+        self.impl, self.device_type = impl, device_type
+
+    def __getattr__(self, name):
+        attr = getattr(self.impl, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with torch.autocast(self.device_type, enabled=False):
+                return attr(*args, **kwargs)
+
+        return call
+
+
+def _autocast_inputs(hidden, weight, bias):
+    """In an autocast region the lm_head's GEMMs run in the autocast dtype, as F.linear's would:
+    each input that autocast would cast for F.linear (floating, not fp64, on the autocast device)
+    is cast here, once per call. The casts are differentiable, so each gradient comes back in its
+    input's own dtype (an fp32 master weight gets an fp32 gradient), and uncached: a copy lives
+    only as long as the op needs it (a token_stats backward; fused_loss keeps none)."""
+    device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else None
+    if (device_type is None or not torch.amp.is_autocast_available(device_type)
+            or not torch.is_autocast_enabled(device_type)):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(x):
+        if (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+                and x.device.type == device_type):
+            return x.to(dtype)
+        return x
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, chunk_size, backend,
              process_group):
     """Validate once and pick the backend: (hidden [N, D], weight, targets [N], bias, leading shape,
     LogitOptions, backend, V). With a vocabulary-sharded weight (``process_group`` or a Shard(0)
     DTensor) weight and bias are this rank's slice, V the whole vocabulary, and the backend is
-    wrapped to combine the ranks (hykernels/_distributed.py)."""
+    wrapped to combine the ranks (hykernels/_distributed.py). In an autocast region the inputs are
+    cast to the autocast dtype; the backend always runs with autocast off."""
     hidden, weight, bias, shard = shard_of(hidden, weight, bias, process_group)
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     h, y, bias, lead, opts = check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index,
                                                 chunk_size, vocab=None if shard is None else shard.vocab)
-    impl = backends.resolve(backend, h.device, h.dtype)
-    if shard is None:
-        return h, weight, y, bias, lead, opts, impl, weight.shape[0]
-    check_replicated(h, y, shard)
-    return h, weight, y, bias, lead, opts, VocabParallel(impl, shard), shard.vocab
+    impl, vocab = backends.resolve(backend, h.device, h.dtype), weight.shape[0]
+    if shard is not None:
+        check_replicated(h, y, shard)
+        impl, vocab = VocabParallel(impl, shard), shard.vocab
+    if torch.amp.is_autocast_available(h.device.type):
+        impl = _AutocastOff(impl, h.device.type)
+    return h, weight, y, bias, lead, opts, impl, vocab
 
 
 def token_stats(

@@ -67,6 +67,9 @@ class FakeExtension:
         else:  # element j of row r at byte 2j of fp32 row r
             dtype = (torch.bfloat16, torch.float16)[out_kind - 1]
             tile.view(dtype)[:, : tile.shape[1]].copy_(g.to(dtype))
+            # The rest of each row is stale fp32 halves, some NaN as bf16/fp16. cuBLAS never reads
+            # past K, but the CPU's half-precision mm reads a few elements past an odd K (NaN·0 = NaN).
+            tile.view(dtype)[:, tile.shape[1]:].zero_()
 
     @staticmethod
     def segment_sum(values, ids, out, stream):

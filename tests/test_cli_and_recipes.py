@@ -60,6 +60,35 @@ def test_transformers_trainer_equals_model_loss_and_learns(monkeypatch, tmp_path
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_transformers_trainer_bf16_follows_autocast(monkeypatch, tmp_path):
+    """bf16=True on the CPU: compute_loss runs under accelerate's bf16 autocast, as the model's own
+    forward does, hykernels follows it, and the loss equals model(labels=...).loss under the same
+    autocast (bf16 tolerance: torch rounds its logits to bf16, hykernels keeps them fp32)."""
+    from transformers import TrainingArguments
+
+    r = _recipe("transformers_trainer", monkeypatch)
+    tok = r["char_tokenizer"]()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=16, learning_rate=3e-3,
+                             logging_steps=1, report_to=[], use_cpu=True, bf16=True, save_strategy="no",
+                             remove_unused_columns=False, disable_tqdm=True)
+    trainer = r["HyTuningTrainer"](model=r["tiny_causal_lm"]("llama", len(tok)), args=args,
+                                   data_collator=r["collate"], train_dataset=r["toy_dataset"](tok, False))
+    model, batch = trainer.model, r["collate"](trainer.train_dataset)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(**batch).loss
+    with trainer.compute_loss_context_manager():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        got = trainer.compute_loss(model, batch)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
+    got.backward()
+    head = model.get_output_embeddings().weight
+    assert head.dtype == head.grad.dtype == torch.float32  # fp32 master weight, fp32 gradient
+    model.zero_grad()
+    trainer.train()
+    losses = _logged_losses(trainer)
+    assert losses[-1] < losses[0]
+
+
 def test_transformers_trainer_hytuning_batches(monkeypatch):
     trainer, _ = _recipe("transformers_trainer", monkeypatch)["main"](["--steps", "2", "--hytuning", "--arch", "qwen2"])
     _logged_losses(trainer)
