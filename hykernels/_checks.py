@@ -87,8 +87,6 @@ def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, igno
     vocab = weight.shape[0]
     if vocab == 0 or dim == 0:
         raise ValueError(f"weight: expected V > 0 and D > 0, got shape {tuple(weight.shape)}")
-    if math.prod(lead) == 0:
-        raise ValueError(f"hidden: empty batch (shape {tuple(hidden.shape)}): nothing to compute")
     if bias is not None:
         bias = _tensor("bias", bias)
         if bias.shape != (vocab,):
@@ -268,7 +266,7 @@ def _sequences(seq_ids, lead: tuple, device, advantages, sequence_level: bool) -
         return torch.arange(rows, device=device).repeat_interleave(lead[-1]), rows
     seq_ids = _tensor("seq_ids", seq_ids)
     _int_dtype("seq_ids", seq_ids)
-    num = per_seq if per_seq is not None else int(seq_ids.max()) + 1  # one sync
+    num = per_seq if per_seq is not None else int(seq_ids.max()) + 1 if seq_ids.numel() else 0  # one sync
     ids = check_seq_ids(seq_ids, num, lead, device)
     # with value checks off, an id out of range counts towards no sequence (never indexed)
     return torch.where((ids < -1) | (ids >= num), torch.full_like(ids, -1), ids), max(num, 0)
@@ -374,8 +372,8 @@ def check_rewards(name: str, x, like: Optional[torch.Tensor] = None) -> torch.Te
     """A 1-D finite float vector per sequence (rewards, PRG, advantages), optionally [len(like)]."""
     x = _tensor(name, x)
     _float_dtype(name, x)
-    if x.dim() != 1 or x.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty 1-D tensor (one value per sequence), got shape {list(x.shape)}")
+    if x.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor (one value per sequence), got shape {list(x.shape)}")
     if like is not None and x.shape != like.shape:
         raise ValueError(f"{name}: expected shape {list(like.shape)} (one value per sequence), got {list(x.shape)}")
     if like is not None:

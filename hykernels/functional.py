@@ -17,7 +17,9 @@ from ._checks import (check_logit_inputs, check_loss_terms, check_prg_inputs, ch
                       target_mask)
 from ._distributed import VocabParallel, check_replicated, shard_of
 from ._grad import loss_by_recompute, loss_coefficients, stats_coefficients, z_loss_tokens
+from ._partials import Partials, finish
 from ._types import LogitOptions, LossStats, LossTerms, PRGResult, RowCoefs, TokenStats
+from .backends._dense import stat_dtype
 
 
 class _TokenStatsFn(torch.autograd.Function):
@@ -130,6 +132,37 @@ class _SegmentSumFn(torch.autograd.Function):
         return g_out[segment_ids], None, None, None  # each row gets its segment's gradient
 
 
+class _NoRows:
+    """The backend interface for a call with no rows (N = 0): empty statistics and zero gradients,
+    without calling the chosen backend (``impl``, which still answers segment and PRG ops). Under
+    VocabParallel its empty partials go through the same collectives as any other call's."""
+
+    def __init__(self, impl):
+        self.impl = impl
+
+    def __getattr__(self, name):  # NAME, DTYPES, prg_scores
+        return getattr(self.impl, name)
+
+    def token_partials(self, hidden, weight, bias, targets, opts: LogitOptions) -> Partials:
+        empty = torch.zeros(1, 0, dtype=stat_dtype(hidden.dtype), device=hidden.device)
+        return Partials(empty, empty, empty, empty, empty, empty.long(), empty.new_full((1, 1), weight.shape[0]))
+
+    def token_stats(self, hidden, weight, bias, targets, opts: LogitOptions):
+        valid, _ = target_mask(targets, weight.shape[0], opts.ignore_index)
+        return finish(self.token_partials(hidden, weight, bias, targets, opts), valid, stat_dtype(hidden.dtype))
+
+    def token_stats_backward(self, hidden, weight, bias, targets, opts, lse, lse_lo, coefs: RowCoefs, needs):
+        return tuple(torch.zeros_like(x) if x is not None and need else None
+                     for x, need in zip((hidden, weight, bias), needs))
+
+    def fused_loss(self, hidden, weight, bias, targets, opts, terms: LossTerms, needs):
+        return loss_by_recompute(self.token_stats, self.token_stats_backward, hidden, weight, bias, targets, opts,
+                                 terms, needs, weight.shape[0])
+
+    def segment_sum(self, values, segment_ids, num_segments):
+        return values.new_zeros(num_segments)
+
+
 class _AutocastOff:
     """A backend whose calls, in forward and in backward, run with autocast off, as
     torch.amp.custom_fwd runs a forward: its inputs are already in the autocast dtype
@@ -178,12 +211,15 @@ def _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, 
     LogitOptions, backend, V). With a vocabulary-sharded weight (``process_group`` or a Shard(0)
     DTensor) weight and bias are this rank's slice, V the whole vocabulary, and the backend is
     wrapped to combine the ranks (hykernels/_distributed.py). In an autocast region the inputs are
-    cast to the autocast dtype; the backend always runs with autocast off."""
+    cast to the autocast dtype; the backend always runs with autocast off. With no rows it is not
+    called (_NoRows)."""
     hidden, weight, bias, shard = shard_of(hidden, weight, bias, process_group)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     h, y, bias, lead, opts = check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index,
                                                 chunk_size, vocab=None if shard is None else shard.vocab)
     impl, vocab = backends.resolve(backend, h.device, h.dtype), weight.shape[0]
+    if h.shape[0] == 0:
+        impl = _NoRows(impl)
     if shard is not None:
         check_replicated(h, y, shard)
         impl, vocab = VocabParallel(impl, shard), shard.vocab
