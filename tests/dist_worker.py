@@ -7,6 +7,7 @@ largest differences (and the error messages of bad calls) in a JSON file per ran
 import json
 import os
 import sys
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,26 @@ def stats_case(backend, h, w, b, y, up, local_w, local_b, **kw):
         (st.logp * up[0] + st.entropy * up[1] + st.self_certainty * up[2] + st.lse * up[3]).sum().backward()
         outs.append((st, hh.grad, ww.grad, bb.grad))
     return outs
+
+
+@contextmanager
+def recording(calls):
+    """dist.all_reduce and dist.all_gather append [kind, op, elements] to ``calls`` while inside."""
+    orig_ar, orig_ag = dist.all_reduce, dist.all_gather
+
+    def all_reduce(t, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        calls.append(["all_reduce", str(op).split(".")[-1], t.numel()])
+        return orig_ar(t, op=op, group=group, async_op=async_op)
+
+    def all_gather(outs, t, group=None, async_op=False):
+        calls.append(["all_gather", None, t.numel() * len(outs)])
+        return orig_ag(outs, t, group=group, async_op=async_op)
+
+    dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    try:
+        yield
+    finally:
+        dist.all_reduce, dist.all_gather = orig_ar, orig_ag
 
 
 def run(rank: int, world: int, init_file: str, backend: str, out_dir: str) -> None:
@@ -137,20 +158,26 @@ def run(rank: int, world: int, init_file: str, backend: str, out_dir: str) -> No
     res.update({"prg_loss.loss": diff(pl[0][0], pl[1][0]), "prg_loss.dw": diff(pl[0][1][sl], pl[1][1])})
 
     # the collectives of one vocab-parallel fused_loss call, for bench/COMM.md's count
-    calls, orig_ar, orig_ag = [], dist.all_reduce, dist.all_gather
+    calls = []
+    with recording(calls):
+        hh, ww = leaves(h, lw)
+        hk.fused_loss(hh, ww, y, rd_weight=1.0 / N, backend=backend, process_group=group)[0].backward()
 
-    def all_reduce(t, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        calls.append(["all_reduce", str(op).split(".")[-1], t.numel()])
-        return orig_ar(t, op=op, group=group, async_op=async_op)
-
-    def all_gather(outs, t, group=None, async_op=False):
-        calls.append(["all_gather", None, t.numel() * len(outs)])
-        return orig_ag(outs, t, group=group, async_op=async_op)
-
-    dist.all_reduce, dist.all_gather = all_reduce, all_gather
-    hh, ww = leaves(h, lw)
-    hk.fused_loss(hh, ww, y, rd_weight=1.0 / N, backend=backend, process_group=group)[0].backward()
-    dist.all_reduce, dist.all_gather = orig_ar, orig_ag
+    # the same call with no rows (on every rank): a zero loss, empty statistics, zero gradients,
+    # and the collectives of the call above in the same order, on empty tensors
+    empty_calls = []
+    with recording(empty_calls):
+        hh, ww = leaves(h[:0], lw)
+        loss, st = hk.fused_loss(hh, ww, y[:0], rd_weight=1.0 / N, backend=backend, process_group=group)
+        loss.backward()
+    shapes_ok = hh.grad.shape == (0, D) and ww.grad.shape == lw.shape and st.logp.shape == (0,)
+    res.update({"empty.loss": abs(loss.item()), "empty.dw": ww.grad.abs().max().item(),
+                "empty.shapes": 0.0 if shapes_ok else float("inf")})
+    hh = h[:0].clone().requires_grad_()
+    dw_t.grad = None
+    st = hk.token_stats(hh, dw_t, y[:0], bias=db_t, backend=backend)
+    (st.logp.sum() + st.entropy.sum()).backward()
+    res["empty.dtensor_dw"] = dw_t.grad.to_local().abs().max().item()
 
     # bad calls: a clear error on every rank, no hang
     def expect_error(name, fn):
@@ -167,9 +194,12 @@ def run(rank: int, world: int, init_file: str, backend: str, out_dir: str) -> No
     bad = y.clone()
     bad[1] = V  # out of the global range, though inside no shard
     expect_error("target_range", lambda: hk.token_stats(h, lw, bad, backend=backend, process_group=group))
+    rows = slice(0, 0 if rank == 0 else N)  # no rows on rank 0 only: a clear error, no rank left waiting
+    expect_error("one_rank_empty", lambda: hk.token_stats(h[rows], lw, y[rows], backend=backend, process_group=group))
 
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"diffs": res, "errors": errors, "local_vocab": lw.shape[0], "collectives": calls}, f)
+        json.dump({"diffs": res, "errors": errors, "local_vocab": lw.shape[0], "collectives": calls,
+                   "empty_collectives": empty_calls}, f)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -61,6 +61,7 @@ def test_equal_to_single_process(ranks):
     ("dtensor_and_group", "process_group: weight is a DTensor"),
     ("dtensor_shard1", "weight: a DTensor with placements (Shard(dim=1),)"),
     ("target_range", "targets: expected ids in [0, 103) or ignore_index=-100, got 103 at row 1"),
+    ("one_rank_empty", "hidden/targets: differ across the ranks of the vocab-parallel group"),
 ])
 def test_bad_calls_fail_clearly_on_every_rank(ranks, case, message):
     world, results = ranks
@@ -79,3 +80,12 @@ def test_collectives_are_those_bench_comm_counts(ranks):
     want = sorted([c["kind"], c["op"], math.prod(c["shape"])] for c in schemes(n, d, v, world)["hykernels_fused_loss"])
     for r in results:
         assert sorted(r["collectives"], key=str) == sorted(want, key=str)
+
+
+def test_empty_call_makes_the_collectives_of_any_call(ranks):
+    """No rows (on every rank): a zero loss, empty statistics and zero gradients (DTensor weight too),
+    through the same collectives in the same order as a call with rows, so no rank waits on another."""
+    world, results = ranks
+    for r in results:
+        assert all(r["diffs"][k] == 0.0 for k in ("empty.loss", "empty.dw", "empty.shapes", "empty.dtensor_dw"))
+        assert [c[:2] for c in r["empty_collectives"]] == [c[:2] for c in r["collectives"]]
