@@ -18,13 +18,13 @@ try:
     import triton
     import triton.language as tl
 
-    from hykernels.backends.triton import _tiles as _kernels
+    from hykernels.backends.triton import _tiles
 
     @triton.jit
     def tanh_kernel(X, Y, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        tl.store(Y + offs, _kernels._tanh(tl.load(X + offs, mask=mask, other=0.0)), mask=mask)
+        tl.store(Y + offs, _tiles._tanh(tl.load(X + offs, mask=mask, other=0.0)), mask=mask)
 except ImportError:  # no Triton: its test is skipped
     triton = None
 
