@@ -66,10 +66,11 @@ def _positive(name: str, value, allow_none: bool = False) -> Optional[float]:
     return float(value)
 
 
-def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index, chunk_size, vocab=None):
-    """Validate the inputs every op shares. Returns (hidden [N, D], targets [N] int64,
-    bias, leading shape, LogitOptions). ``targets`` may be None (no targets: all rows ignored).
-    ``vocab``: the whole vocabulary when weight is one rank's slice (targets are global ids)."""
+def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index, chunk_size):
+    """Validate the inputs every op shares, shapes and dtypes only (their values are checked by
+    check_logit_values inside the ops: a sync that torch.compile could not trace). Returns
+    (hidden [N, D], targets [N] int64, bias, leading shape, LogitOptions). ``targets`` may be
+    None (no targets: all rows ignored)."""
     hidden, weight = _tensor("hidden", hidden), _tensor("weight", weight)
     _float_dtype("hidden", hidden)
     if hidden.dim() < 2:
@@ -83,7 +84,6 @@ def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, igno
     lead, dim = tuple(hidden.shape[:-1]), hidden.shape[-1]
     if weight.shape[1] != dim:
         raise ValueError(f"weight: expected shape [V, {dim}] (D from hidden), got {tuple(weight.shape)}")
-    targets_vocab = weight.shape[0] if vocab is None else vocab  # what target ids index
     vocab = weight.shape[0]
     if vocab == 0 or dim == 0:
         raise ValueError(f"weight: expected V > 0 and D > 0, got shape {tuple(weight.shape)}")
@@ -111,11 +111,7 @@ def check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, igno
         ignore_index=ignore_index,
         chunk_size=chunk_size,
     )
-    hidden2d = hidden.reshape(-1, dim)
-    targets1d = targets.reshape(-1).long()
-    if _value_checks:
-        _check_values(hidden2d, weight, bias, targets1d, targets_vocab, ignore_index)
-    return hidden2d, targets1d, bias, lead, opts
+    return hidden.reshape(-1, dim), targets.reshape(-1).long(), bias, lead, opts
 
 
 def target_mask(targets: torch.Tensor, vocab_size: int, ignore_index: int):
@@ -139,7 +135,11 @@ def _raise_nonfinite(named: Sequence[tuple[str, torch.Tensor]], flags: Sequence[
             raise ValueError(f"{name}: contains non-finite values (NaN or Inf)")
 
 
-def _check_values(hidden, weight, bias, targets, vocab, ignore_index) -> None:
+def check_logit_values(hidden, weight, bias, targets, vocab, ignore_index) -> None:
+    """With value checks on: finite hidden, weight and bias, targets in [0, vocab) or
+    ignore_index (hidden [N, D], targets [N]; ``vocab`` is what target ids index). One sync."""
+    if not _value_checks:
+        return
     named = [("hidden", hidden), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
     bad_target = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     flags = torch.stack([_nonfinite_flag(x) for _, x in named] + [bad_target.any()]).tolist()  # one sync
@@ -224,12 +224,6 @@ def check_loss_terms(lead, device, dtype, *, rd_weight, rlif_weight, advantages,
     if (not isinstance(clip_eps, (tuple, list)) or len(clip_eps) != 2
             or not all(isinstance(e, Real) and math.isfinite(e) and e >= 0 for e in clip_eps) or clip_eps[0] >= 1):
         raise ValueError(f"clip_eps: expected (low, high) with 0 <= low < 1 and high >= 0, got {clip_eps!r}")
-    if _value_checks:
-        given = [(k, v) for k, v in t.items() if v is not None]
-        flags = torch.stack([~torch.isfinite(v).all() for _, v in given]).tolist()
-        for (k, _), bad in zip(given, flags):
-            if bad:
-                raise ValueError(f"{k}: contains non-finite values (NaN or Inf)")
     seq_terms = {}
     if sequence_level:  # a token of no sequence is a sequence of its own (its ratio is its token's)
         ids, num = seqs
@@ -237,6 +231,23 @@ def check_loss_terms(lead, device, dtype, *, rd_weight, rlif_weight, advantages,
         seq_terms = dict(seq_ids=torch.where(ids >= 0, ids, own), num_seqs=num + n)
     return LossTerms(**t, clip_low=float(clip_eps[0]), clip_high=float(clip_eps[1]), vocab_size=int(vocab_size),
                      label_smoothing=label_smoothing, z_loss=z_loss, kl_ratio=use_bias_correction_kl, **seq_terms)
+
+
+_TERM_TENSORS = ("rd_weight", "rlif_weight", "advantages", "old_logp", "ref_logp", "kl_weight", "entropy_weight")
+
+
+def check_term_values(terms: LossTerms) -> None:
+    """With value checks on: fused_loss's per-token terms are finite (one sync; run inside the
+    op, after check_loss_terms has checked their shapes)."""
+    if not _value_checks:
+        return
+    given = [(k, getattr(terms, k)) for k in _TERM_TENSORS if getattr(terms, k) is not None]
+    if not given:
+        return
+    flags = torch.stack([~torch.isfinite(v).all() for _, v in given]).tolist()
+    for (k, _), bad in zip(given, flags):
+        if bad:
+            raise ValueError(f"{k}: contains non-finite values (NaN or Inf)")
 
 
 def _in_range(name: str, value, low: float, high: float) -> float:

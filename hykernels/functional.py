@@ -1,9 +1,16 @@
-"""Public functions: validate once, dispatch to a backend, wire autograd.
+"""Public functions: validate once, pick the backend, call the custom ops (hykernels/_ops.py).
 
 token_stats recomputes logits tiles in its backward (the §2 formula through _grad);
 fused_loss forms its gradients in the forward pass and its backward only scales them.
 answer_span_logprobs is token_stats' logp summed per span (§3 support); prg_gains turns the
 supports into PRG scores (§3), detached.
+
+The ops are torch.library custom ops and what runs here is traceable (shape and dtype checks,
+tensor arithmetic), so torch.compile(fullgraph=True) traces token_stats and fused_loss without
+graph breaks; value checks and the backends run inside the ops. Not traced without breaks:
+vocabulary-parallel calls (their shard sizes and replication check are collectives on the host),
+sequence-level ratios with ``seq_ids`` (the number of sequences is read from the ids), span and
+PRG offset checks (answer_span_logprobs with value checks on, prg_gains).
 """
 from __future__ import annotations
 
@@ -12,176 +19,12 @@ from typing import Optional
 
 import torch
 
-from . import backends
-from ._checks import (check_logit_inputs, check_loss_terms, check_prg_inputs, check_span_counts, check_spans,
-                      target_mask)
-from ._distributed import VocabParallel, check_replicated, shard_of
-from ._grad import loss_by_recompute, loss_coefficients, stats_coefficients, z_loss_tokens
-from ._partials import Partials, finish
-from ._types import LogitOptions, LossStats, LossTerms, PRGResult, RowCoefs, TokenStats
-from .backends._dense import stat_dtype
-
-
-class _TokenStatsFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: LogitOptions, backend, vocab: int):
-        stats, lse_lo = backend.token_stats(hidden, weight, bias, targets, opts)
-        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, lse_lo, stats.entropy)
-        ctx.opts, ctx.backend, ctx.vocab = opts, backend, vocab
-        ctx.mark_non_differentiable(stats.confidence, stats.argmax)
-        ctx.set_materialize_grads(False)
-        return tuple(stats)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_logp, g_entropy, g_sc, _g_conf, _g_argmax, g_lse):
-        hidden, weight, bias, targets, lse, lse_lo, entropy = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if not any(needs) or all(g is None for g in (g_logp, g_entropy, g_sc, g_lse)):
-            return None, None, None, None, None, None, None
-        valid, _ = target_mask(targets, ctx.vocab, ctx.opts.ignore_index)
-        coefs = stats_coefficients(g_logp, g_lse, g_entropy, g_sc, entropy, valid, ctx.vocab)
-        dh, dw, db = ctx.backend.token_stats_backward(hidden, weight, bias, targets, ctx.opts, lse, lse_lo,
-                                                      coefs, needs)
-        return dh, dw, db, None, None, None, None
-
-
-class _FusedLossFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: LogitOptions, terms: LossTerms, backend, grad_enabled):
-        # needs_input_grad ignores torch.no_grad(); under it (e.g. scoring old_logp) forming
-        # gradients would triple the work for nothing.
-        needs = tuple(n and grad_enabled for n in ctx.needs_input_grad[:3])
-        loss, stats, dh, dw, db = backend.fused_loss(hidden, weight, bias, targets, opts, terms, needs)
-        ctx.save_for_backward(dh, dw, db)
-        ctx.mark_non_differentiable(*stats)
-        return (loss, *stats)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_loss, *_unused_stats_grads):
-        # Gradients were formed in forward; the chain rule only scales them. The first backward
-        # scales in place: a copy would add a dW-sized buffer (1.2 GB bf16 at V=151936, D=4096)
-        # exactly when memory peaks. It writes through .data, which leaves the saved tensors'
-        # version counters alone, so a later backward (retain_graph=True, gradcheck) can still
-        # unpack them and rescales out of place from the factor already applied (NaN if that
-        # factor was 0: nothing is left). saved_tensors are still freed after a plain backward.
-        grads = ctx.saved_tensors
-        if getattr(ctx, "applied", None) is None:
-            ctx.applied = g_loss.detach().clone()
-            scaled = [None if g is None else g.data.mul_(g_loss.to(g.dtype)) for g in grads]
-        else:
-            factor = g_loss / ctx.applied
-            scaled = [None if g is None else g * factor.to(g.dtype) for g in grads]
-        return (*scaled, None, None, None, None, None)
-
-
-class _PerTokenLossFn(torch.autograd.Function):
-    """reduction="none": the per-token §5 losses. The coefficients are linear in the upstream
-    gradient, so the backward scales each row's by its upstream value and recomputes the logits
-    through the §2 backward (token_stats + token_stats_backward: 8·N·D·V FLOPs)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: LogitOptions, terms: LossTerms, backend, vocab: int):
-        stats, lse_lo = backend.token_stats(hidden, weight, bias, targets, opts)
-        valid, _ = target_mask(targets, vocab, opts.ignore_index)
-        loss, coefs = loss_coefficients(stats, valid, terms)
-        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, lse_lo, *coefs)
-        ctx.opts, ctx.backend = opts, backend
-        ctx.mark_non_differentiable(*stats)
-        ctx.set_materialize_grads(False)
-        return (loss, *stats)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_loss, *_unused_stats_grads):
-        hidden, weight, bias, targets, lse, lse_lo, *coefs = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if g_loss is None or not any(needs):
-            return None, None, None, None, None, None, None, None
-        g = g_loss.to(lse.dtype)
-        coefs = RowCoefs(*(c * g for c in coefs))
-        dh, dw, db = ctx.backend.token_stats_backward(hidden, weight, bias, targets, ctx.opts, lse, lse_lo, coefs,
-                                                      needs)
-        return dh, dw, db, None, None, None, None, None
-
-
-class _ByRecompute:
-    """A backend's fused_loss as a statistics pass over every row, the coefficients, then the §2
-    backward recomputing the logits (_grad.loss_by_recompute, 8·N·D·V FLOPs): for sequence-level
-    terms, whose coefficients need the log-probs of the whole batch."""
-
-    def __init__(self, impl, vocab: int):
-        self.impl, self.vocab = impl, vocab
-
-    def fused_loss(self, hidden, weight, bias, targets, opts, terms: LossTerms, needs):
-        return loss_by_recompute(self.impl.token_stats, self.impl.token_stats_backward, hidden, weight, bias, targets,
-                                 opts, terms, needs, self.vocab)
-
-
-class _SegmentSumFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, values, segment_ids, num_segments: int, backend):
-        ctx.save_for_backward(segment_ids)
-        return backend.segment_sum(values, segment_ids, num_segments)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_out):
-        (segment_ids,) = ctx.saved_tensors
-        return g_out[segment_ids], None, None, None  # each row gets its segment's gradient
-
-
-class _NoRows:
-    """The backend interface for a call with no rows (N = 0): empty statistics and zero gradients,
-    without calling the chosen backend (``impl``, which still answers segment and PRG ops). Under
-    VocabParallel its empty partials go through the same collectives as any other call's."""
-
-    def __init__(self, impl):
-        self.impl = impl
-
-    def __getattr__(self, name):  # NAME, DTYPES, prg_scores
-        return getattr(self.impl, name)
-
-    def token_partials(self, hidden, weight, bias, targets, opts: LogitOptions) -> Partials:
-        empty = torch.zeros(1, 0, dtype=stat_dtype(hidden.dtype), device=hidden.device)
-        return Partials(empty, empty, empty, empty, empty, empty.long(), empty.new_full((1, 1), weight.shape[0]))
-
-    def token_stats(self, hidden, weight, bias, targets, opts: LogitOptions):
-        valid, _ = target_mask(targets, weight.shape[0], opts.ignore_index)
-        return finish(self.token_partials(hidden, weight, bias, targets, opts), valid, stat_dtype(hidden.dtype))
-
-    def token_stats_backward(self, hidden, weight, bias, targets, opts, lse, lse_lo, coefs: RowCoefs, needs):
-        return tuple(torch.zeros_like(x) if x is not None and need else None
-                     for x, need in zip((hidden, weight, bias), needs))
-
-    def fused_loss(self, hidden, weight, bias, targets, opts, terms: LossTerms, needs):
-        return loss_by_recompute(self.token_stats, self.token_stats_backward, hidden, weight, bias, targets, opts,
-                                 terms, needs, weight.shape[0])
-
-    def segment_sum(self, values, segment_ids, num_segments):
-        return values.new_zeros(num_segments)
-
-
-class _AutocastOff:
-    """A backend whose calls, in forward and in backward, run with autocast off, as
-    torch.amp.custom_fwd runs a forward: its inputs are already in the autocast dtype
-    (_autocast_inputs), and its own fp32 upcasts and GEMMs must run as written, also when
-    backward() is called inside an autocast region."""
-
-    def __init__(self, impl, device_type: str):
-        self.impl, self.device_type = impl, device_type
-
-    def __getattr__(self, name):
-        attr = getattr(self.impl, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args, **kwargs):
-            with torch.autocast(self.device_type, enabled=False):
-                return attr(*args, **kwargs)
-
-        return call
+from . import _ops, backends
+from ._checks import check_logit_inputs, check_loss_terms, check_prg_inputs, check_span_counts, check_spans, target_mask
+from ._distributed import check_replicated, shard_of
+from ._grad import z_loss_tokens
+from ._ops import BackendSpec, flat
+from ._types import LossStats, PRGResult, TokenStats
 
 
 def _autocast_inputs(hidden, weight, bias):
@@ -207,25 +50,34 @@ def _autocast_inputs(hidden, weight, bias):
 
 def _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, chunk_size, backend,
              process_group):
-    """Validate once and pick the backend: (hidden [N, D], weight, targets [N], bias, leading shape,
-    LogitOptions, backend, V). With a vocabulary-sharded weight (``process_group`` or a Shard(0)
-    DTensor) weight and bias are this rank's slice, V the whole vocabulary, and the backend is
-    wrapped to combine the ranks (hykernels/_distributed.py). In an autocast region the inputs are
-    cast to the autocast dtype; the backend always runs with autocast off. With no rows it is not
-    called (_NoRows)."""
+    """Validate once (shapes and dtypes; the ops check values) and pick the backend: (hidden
+    [N, D], weight, targets [N], bias, leading shape, the op arguments of LogitOptions and
+    BackendSpec, the BackendSpec). With a vocabulary-sharded weight (``process_group`` or a Shard(0) DTensor)
+    weight and bias are this rank's slice, V the whole vocabulary, and the ops combine the ranks
+    (hykernels/_distributed.py). In an autocast region the inputs are cast to the autocast dtype;
+    the backend always runs with autocast off. With no rows it is not called (_ops._NoRows)."""
     hidden, weight, bias, shard = shard_of(hidden, weight, bias, process_group)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     h, y, bias, lead, opts = check_logit_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index,
-                                                chunk_size, vocab=None if shard is None else shard.vocab)
-    impl, vocab = backends.resolve(backend, h.device, h.dtype), weight.shape[0]
-    if h.shape[0] == 0:
-        impl = _NoRows(impl)
+                                                chunk_size)
+    spec = BackendSpec(_backend_name(backend, h.device, h.dtype), weight.shape[0])
     if shard is not None:
         check_replicated(h, y, shard)
-        impl, vocab = VocabParallel(impl, shard), shard.vocab
-    if torch.amp.is_autocast_available(h.device.type):
-        impl = _AutocastOff(impl, h.device.type)
-    return h, weight, y, bias, lead, opts, impl, vocab
+        spec = BackendSpec(spec.name, shard.vocab, shard.group.group_name, shard.offset)
+    return h, weight, y, bias, lead, (*flat(opts), *flat(spec)), spec
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The resolved backend's name; torch.compile runs this at trace time (it imports modules)
+    and keeps the name as a constant of the graph."""
+    return backends.resolve(backend, device, dtype).NAME
+
+
+def _needs(*inputs) -> list[bool]:
+    """Which inputs get a gradient: requires_grad, and not under torch.no_grad() (scoring
+    old_logp there would triple the work for gradients nobody reads)."""
+    return [torch.is_grad_enabled() and x is not None and x.requires_grad for x in inputs]
 
 
 def token_stats(
@@ -255,9 +107,9 @@ def token_stats(
     same on every rank; the statistics are those of the whole vocabulary on every rank, the
     hidden gradient is summed across the group and each rank gets its own slice's weight gradient.
     """
-    h, w, y, bias, lead, opts, impl, vocab = _prepare(hidden, weight, targets, bias, temperature, softcap,
-                                                      ignore_index, chunk_size, backend, process_group)
-    stats = _TokenStatsFn.apply(h, w, bias, y, opts, impl, vocab)
+    h, w, y, bias, lead, call, _ = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index,
+                                            chunk_size, backend, process_group)
+    *stats, _lse_lo = _ops.token_stats(h, w, bias, y, *call)
     return TokenStats(*stats).reshape(lead)
 
 
@@ -335,26 +187,25 @@ def fused_loss(
     detached. ``process_group``: vocabulary-parallel, as for token_stats (the loss is the same on
     every rank; gradients by a statistics pass and a recompute pass, 8·N·D·V/P).
     """
-    h, w, y, bias, lead, opts, impl, vocab = _prepare(hidden, weight, targets, bias, temperature, softcap,
-                                                      ignore_index, chunk_size, backend, process_group)
+    h, w, y, bias, lead, call, spec = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index,
+                                               chunk_size, backend, process_group)
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     terms = check_loss_terms(lead, h.device, dtype, rd_weight=rd_weight, rlif_weight=rlif_weight,
                              advantages=advantages, old_logp=old_logp, ref_logp=ref_logp,
                              kl_weight=kl_weight, entropy_weight=entropy_weight, clip_eps=clip_eps,
                              label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction, seq_ids=seq_ids,
                              importance_sampling_level=importance_sampling_level,
-                             use_bias_correction_kl=use_bias_correction_kl, vocab_size=vocab)
-    valid, _ = target_mask(y, vocab, opts.ignore_index)
+                             use_bias_correction_kl=use_bias_correction_kl, vocab_size=spec.vocab)
+    valid, _ = target_mask(y, spec.vocab, ignore_index)
     if reduction == "mean":  # every weight over T, on the device (no sync)
         inv_t = 1.0 / valid.sum().clamp(min=1).to(dtype)
         weights = ("rd_weight", "rlif_weight", "kl_weight", "entropy_weight")
         terms = replace(terms, **{k: getattr(terms, k) * inv_t for k in weights if getattr(terms, k) is not None})
     if reduction == "none":
-        loss, *stats = _PerTokenLossFn.apply(h, w, bias, y, opts, terms, impl, vocab)
+        loss, *stats = _ops.per_token_loss(h, w, bias, y, *call, *flat(terms))[:7]
         loss = loss.reshape(lead)
     else:
-        fn = _ByRecompute(impl, vocab) if terms.sequence_level else impl
-        loss, *stats = _FusedLossFn.apply(h, w, bias, y, opts, terms, fn, torch.is_grad_enabled())
+        loss, *stats = _ops.fused_loss(h, w, bias, y, *call, *flat(terms), _needs(h, w, bias))[:7]
     stats = TokenStats(*stats)
     return loss, LossStats(*stats, z_loss_tokens(stats.lse, valid, terms)).reshape(lead)
 
@@ -384,15 +235,15 @@ def answer_span_logprobs(
     checks off an empty span's mean is NaN). Rows without a target add nothing. Differentiable
     w.r.t. hidden, weight and bias; the backward gathers each span's gradient to its rows.
     """
-    h, w, y, bias, lead, opts, impl, vocab = _prepare(hidden, weight, targets, bias, temperature, softcap,
-                                                      ignore_index, chunk_size, backend, process_group)
+    h, w, y, bias, lead, call, spec = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index,
+                                               chunk_size, backend, process_group)
     ids, in_range = check_spans(span_ids, num_spans, reduce, lead, h.device)
     if reduce == "mean":  # counted before the lm_head runs, so an empty span fails fast
-        valid, _ = target_mask(y, vocab, opts.ignore_index)
-        counts = impl.segment_sum((valid & in_range).float(), ids, num_spans)
+        valid, _ = target_mask(y, spec.vocab, ignore_index)
+        counts = _ops.segment_sum((valid & in_range).float(), ids, num_spans, spec.name)
         check_span_counts(counts)
-    logp = _TokenStatsFn.apply(h, w, bias, y, opts, impl, vocab)[0]
-    span_sum = _SegmentSumFn.apply(torch.where(in_range, logp, 0.0), ids, num_spans, impl)
+    logp = _ops.token_stats(h, w, bias, y, *call)[0]
+    span_sum = _ops.segment_sum(torch.where(in_range, logp, 0.0), ids, num_spans, spec.name)
     return span_sum / counts if reduce == "mean" else span_sum
 
 

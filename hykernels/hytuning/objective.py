@@ -4,6 +4,11 @@ prg_loss turns per-sequence PRG, kinds, rewards/advantages and a mix λ into the
 weights of §5 and calls `fused_loss` once; HyTuningLoss is its stateful form (λ smoothed by an
 EMA across steps). Every constant is a HyTuningConfig field; callers wanting other weights pass
 them to `fused_loss` directly.
+
+The weights are constants whose validation, λ and token counts read host values, so they are
+one custom op (hykernels::prg_token_weights, without gradient): torch.compile(fullgraph=True)
+traces prg_loss without graph breaks. HyTuningLoss updates its λ on the host and is not traced
+without breaks: pass its λ to prg_loss (``lam=``) in a compiled step.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 
 from .. import functional as F
 from .._checks import check_sequence_inputs
+from .._ops import build, distinct, flat, schema_of
 from .._types import LossStats
 from .rewards import GATED_VARIANTS, gate_rewards, group_advantages
 
@@ -38,7 +44,7 @@ class HyTuningConfig:
 
 class HyTuningOutput(NamedTuple):
     stats: LossStats  # detached per-token statistics (fused_loss's)
-    lam: float  # the RD/RLIF mix used
+    lam: float  # the RD/RLIF mix used (a 0-dim fp64 CPU tensor when traced by torch.compile)
     rd_weights: torch.Tensor  # [S] w_i for RD sequences, 0 elsewhere
     advantages: torch.Tensor  # [S] A_i for RLIF sequences, 0 elsewhere
 
@@ -98,32 +104,58 @@ def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, r
     fused_loss. Returns (loss, HyTuningOutput).
     """
     config = config or HyTuningConfig()
+    rd_tok, rlif_tok, adv_tok, lam, w_rd, adv = prg_token_weights(
+        targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, lam, logit_kwargs.get("ignore_index", -100),
+        *flat(config))
+    terms = dict(rd_weight=rd_tok, rlif_weight=rlif_tok, advantages=adv_tok, old_logp=old_logp,
+                 clip_eps=config.clip_eps)
+    if config.kl_coef:
+        terms.update(kl_weight=config.kl_coef * rlif_tok, ref_logp=ref_logp)
+    if config.entropy_coef:
+        terms.update(entropy_weight=config.entropy_coef * rlif_tok)
+    loss, stats = F.fused_loss(hidden, weight, targets, **terms, **logit_kwargs)
+    return loss, HyTuningOutput(stats, lam if torch.compiler.is_compiling() else float(lam), w_rd, adv)
+
+
+def token_weights(targets, seq_ids, *, prg, is_rd, advantages, rewards, group_ids, lam: Optional[float],
+                  config: HyTuningConfig, ignore_index: int):
+    """prg_loss's constants, validated: (rd_weight, rlif_weight, advantages per token, shaped like
+    targets; λ as a 0-dim fp64 CPU tensor; w [S]; A [S])."""
     seqs = check_sequence_inputs(targets, seq_ids, prg=prg, is_rd=is_rd, advantages=advantages,
                                  rewards=rewards, group_ids=group_ids)
     if lam is None:
         lam = mix_lambda(seqs.prg, seqs.is_rd, config)
-    return _weighted_loss(hidden, weight, targets, seqs, effective_lambda(lam, seqs.is_rd), config,
-                          old_logp, ref_logp, logit_kwargs)
-
-
-def _weighted_loss(hidden, weight, targets, seqs, lam, config, old_logp, ref_logp, logit_kwargs):
+    lam = effective_lambda(lam, seqs.is_rd)
     prg, is_rd, seq_ids = seqs.prg, seqs.is_rd, seqs.seq_ids.reshape(targets.shape)  # terms shaped like targets
     w_rd = rd_sequence_weights(prg, is_rd, config)
     adv = rlif_advantages(prg, is_rd, config, seqs.advantages, seqs.rewards, seqs.group_ids)
     seq = seq_ids.clamp(min=0)
-    has_target = (seq_ids >= 0) & (targets.reshape(seq_ids.shape) != logit_kwargs.get("ignore_index", -100))
+    has_target = (seq_ids >= 0) & (targets.reshape(seq_ids.shape) != ignore_index)
     tok_rd, tok_rlif = has_target & is_rd[seq], has_target & ~is_rd[seq]
     t_rd, t_rlif = max(int(tok_rd.sum()), 1), max(int(tok_rlif.sum()), 1)
     zero = torch.zeros(seq_ids.shape, dtype=prg.dtype, device=prg.device)
-    rlif_scale = torch.where(tok_rlif, (1.0 - lam) / t_rlif, zero)
-    terms = dict(rd_weight=torch.where(tok_rd, lam * w_rd[seq] / t_rd, zero), rlif_weight=rlif_scale,
-                 advantages=torch.where(tok_rlif, adv[seq], zero), old_logp=old_logp, clip_eps=config.clip_eps)
-    if config.kl_coef:
-        terms.update(kl_weight=config.kl_coef * rlif_scale, ref_logp=ref_logp)
-    if config.entropy_coef:
-        terms.update(entropy_weight=config.entropy_coef * rlif_scale)
-    loss, stats = F.fused_loss(hidden, weight, targets, **terms, **logit_kwargs)
-    return loss, HyTuningOutput(stats, lam, w_rd, adv)
+    return (torch.where(tok_rd, lam * w_rd[seq] / t_rd, zero), torch.where(tok_rlif, (1.0 - lam) / t_rlif, zero),
+            torch.where(tok_rlif, adv[seq], zero), torch.tensor(lam, dtype=torch.float64), w_rd, adv)
+
+
+@torch.library.custom_op("hykernels::prg_token_weights", mutates_args=(),
+                         schema="(Tensor targets, Tensor seq_ids, Tensor prg, Tensor is_rd, Tensor? advantages, "
+                                "Tensor? rewards, Tensor? group_ids, float? lam, int ignore_index, "
+                                f"{schema_of(HyTuningConfig)}) -> (Tensor rd_weight, Tensor rlif_weight, "
+                                "Tensor token_advantages, Tensor lam, Tensor rd_weights, Tensor advantages)")
+def prg_token_weights(targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, lam, ignore_index, *config):
+    """token_weights as a custom op: torch.compile sees only its output shapes."""
+    return distinct(token_weights(targets, seq_ids, prg=prg, is_rd=is_rd, advantages=advantages, rewards=rewards,
+                                  group_ids=group_ids, lam=lam, config=build(HyTuningConfig, config),
+                                  ignore_index=ignore_index))
+
+
+@prg_token_weights.register_fake
+def _(targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, lam, ignore_index, *config):
+    adv = prg.dtype if advantages is None else advantages.dtype
+    tokens = [prg.new_empty(targets.shape, dtype=dtype) for dtype in (prg.dtype, prg.dtype,
+                                                                        torch.promote_types(adv, prg.dtype))]
+    return (*tokens, torch.empty((), dtype=torch.float64), prg.new_empty(prg.shape), prg.new_empty(prg.shape, dtype=adv))
 
 
 class HyTuningLoss(torch.nn.Module):
@@ -143,6 +175,6 @@ class HyTuningLoss(torch.nn.Module):
         step_lam = mix_lambda(seqs.prg, seqs.is_rd, self.config)
         if self.training and step_lam is not None:
             self.lam.mul_(self.config.ema).add_((1.0 - self.config.ema) * step_lam)
-        lam = effective_lambda(float(self.lam), seqs.is_rd)
-        return _weighted_loss(hidden, weight, targets, seqs, lam, self.config, old_logp, ref_logp,
-                              self.logit_kwargs)
+        return prg_loss(hidden, weight, targets, seq_ids, prg=prg, is_rd=is_rd, advantages=advantages,
+                        rewards=rewards, group_ids=group_ids, old_logp=old_logp, ref_logp=ref_logp,
+                        lam=float(self.lam), config=self.config, **self.logit_kwargs)
