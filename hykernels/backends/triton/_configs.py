@@ -56,33 +56,76 @@ INTERPRETER = Blocks(m=64, n=512, k=64)
 # (True under the interpreter: tests run the descriptor path on the CPU).
 DESCRIPTORS: Optional[bool] = None
 
-# Candidate tables, per kernel and operand width. Half precision: Hopper-sized 128×256 tiles
-# (wgmma's widest, 4 stages where shared memory allows) beside 128×128 and 64×128 ones that
-# fit an A100 and keep the epilogues' tiles in registers. fp32 dots are IEEE FMA loops (no
-# tensor cores), register-bound: small tiles only.
-_HALF_GEMM = (
+# Candidate tables, per kernel and operand width. Every entry compiles without register spills
+# and within shared memory for sm_80 and sm_90a, with plain pointers and (sm_90) descriptors, for
+# bf16, fp16 and fp32, at triton 3.4, 3.6 and 3.9 (tests/compile_triton.py; its docstring lists
+# the variants). Registers, not shared memory, bound these kernels: at 8 warps an m×n fp32 tile
+# is m·n/256 accumulator registers per thread, and an epilogue that keeps more tiles of that size
+# live (the logits' exponentials and running statistics; dW's old tile and its 64-bit addresses)
+# spills past ~32 of them. 16 warps do not help: 512 threads get at most 128 registers each, and
+# the tiles tried that way spilled too.
+# Which tile spills a few bytes shifts with triton's version (its ptxas and layouts), so each
+# entry below is one that none of the three spilled.
+#
+# dH = G·W: Hopper-sized 128×256 tiles (wgmma's widest), 3 stages and 4 on sm_90, beside 128×128
+# and 64×128 ones. 128×128×64 at 4 warps is dropped: 32 B spilled on sm_80 (the 8-warp one is the
+# same tile without spills).
+_HALF_DH = (
     Blocks(128, 256, 64, num_warps=8, num_stages=3),
-    Blocks(128, 256, 64, num_warps=8, num_stages=4, hopper=True),
+    Blocks(128, 256, 64, num_warps=8, num_stages=4, hopper=True),  # 192 KB with descriptors
     Blocks(128, 128, 64, num_warps=8, num_stages=4),
-    Blocks(128, 128, 64, num_warps=4, num_stages=4),
     Blocks(64, 128, 64, num_warps=4, num_stages=4),
 )
-_HALF_LOGITS = (  # the epilogue holds the logits tile, its exponentials and reductions at once
-    Blocks(128, 128, 64, num_warps=8, num_stages=3),
-    Blocks(128, 128, 64, num_warps=8, num_stages=4, hopper=True),
-    Blocks(64, 256, 64, num_warps=8, num_stages=3),
+# dW (+)= Gᵀ·H: the BETA epilogue adds the old dW tile, held in registers beside the accumulator.
+# 128×256 spills there wherever that tile is fp32 (fp16 inputs, HYKERNELS_FP32_ACCUMULATE=1):
+# 196-328 B with pointers on sm_80 and sm_90 at BLOCK_K 64 and 32 alike (only the sm_90
+# descriptor path is spill-free), and 20 B for bf16 on sm_80, so it is not offered. 128×128×64
+# spills 12-48 B on sm_80 at triton 3.4 (3 or 4 stages), 104-496 B at 4 warps: 128×128 runs
+# with BLOCK_K 32 here, and with BLOCK_K 64 and 5 stages on sm_90 only (160 KB of shared memory
+# with descriptors).
+_HALF_DW = (
+    Blocks(128, 128, 32, num_warps=8, num_stages=4),
+    Blocks(128, 128, 64, num_warps=8, num_stages=5, hopper=True),
+    Blocks(64, 128, 64, num_warps=4, num_stages=4),
+)
+# logits_fwd's epilogue holds the logits tile, its exponentials and running statistics at once:
+# 128×128 and 64×256 at 8 warps spill with STORE_Z (40-590 B on sm_90, 630-1400 B on sm_80), so
+# its tiles are 32 logits per thread: 128×64 (the 128-row tile, a 64×64 wgmma per warpgroup) and
+# 64×128. 128×64 spills 8-24 B on sm_80 with BLOCK_K 64 at triton 3.4 and with 4 or 5 stages at
+# 3.6: BLOCK_K 32 and 3 stages for it.
+_HALF_FWD = (
+    Blocks(128, 64, 32, num_warps=8, num_stages=3),
+    Blocks(64, 128, 64, num_warps=8, num_stages=3),
+    Blocks(64, 128, 64, num_warps=8, num_stages=4),
     Blocks(64, 128, 32, num_warps=8, num_stages=3),
 )
-_FP32 = (
-    Blocks(64, 64, 32, num_warps=8, num_stages=2),
-    Blocks(64, 64, 32, num_warps=4, num_stages=2),
+# logits_grad: 128×128 fits 255 registers at triton 3.9 but spills 16-72 B at 3.4 and 3.6 (sm_90;
+# also sm_80 at 3.4), and 64×256 spills 8-12 B at 3.4: 128×64 and 64×128.
+_HALF_GRAD = (
+    Blocks(128, 64, 64, num_warps=8, num_stages=3),
+    Blocks(128, 64, 64, num_warps=8, num_stages=4),
+    Blocks(64, 128, 32, num_warps=8, num_stages=3),
+)
+# fp32 dots are IEEE FMA loops (no tensor cores), register-bound: small tiles only, and ptxas
+# settles some of them at 80-128 registers with a few bytes spilled. Each kernel pair has two
+# tiles that spilled under none of the three triton versions: the former shared table's 64×64×32
+# at 8 warps spilled 12 B in dh_gemm on sm_80, at 4 warps 470-1250 B in the logits kernels and
+# 550 B in dh_gemm with descriptors; in logits_fwd 32×64×32 spills at 3.6 (4 warps, descriptors)
+# and 3.9 (8 warps), 32×64×16 at 4 warps and 64×64×16 at 8 warps at 3.6; 32×64×16 and 64×32×32
+# at 4 warps spill 12 B in dw_gemm at 3.9.
+_FP32_LOGITS = (
+    Blocks(64, 32, 32, num_warps=4, num_stages=2),
+    Blocks(32, 64, 16, num_warps=8, num_stages=2),
+)
+_FP32_GEMM = (
+    Blocks(64, 64, 16, num_warps=8, num_stages=2),
     Blocks(32, 64, 32, num_warps=4, num_stages=2),
 )
 TABLES = {
-    "logits_fwd": (_HALF_LOGITS, _FP32),
-    "logits_grad": (_HALF_LOGITS, _FP32),
-    "dh_gemm": (_HALF_GEMM, _FP32),
-    "dw_gemm": (_HALF_GEMM, _FP32),
+    "logits_fwd": (_HALF_FWD, _FP32_LOGITS),
+    "logits_grad": (_HALF_GRAD, _FP32_LOGITS),
+    "dh_gemm": (_HALF_DH, _FP32_GEMM),
+    "dw_gemm": (_HALF_DW, _FP32_GEMM),
 }
 # The widest BLOCK_N of any logits candidate: vocabulary splits are multiples of it, so the
 # split boundaries (and the partials the host merges) do not depend on the tuned tile.
