@@ -20,6 +20,18 @@ script prints, per way, the largest difference of the per-step loss and of the f
 
 It also passes FSDP2's sharded lm_head weight as it is and prints the error hykernels raises.
 
+An empty rank: at step EMPTY_STEP, rank 1's rows are all padding with every target ignored, as
+happens in data-parallel or packed training. The module hands hykernels only the target positions
+(``hidden[targets != -100]``), so that rank calls ``hk.fused_loss`` / ``hk.prg_loss`` with hidden
+of shape [0, D]: the loss is a zero that is part of the graph, so its backward reaches every
+parameter (with zero gradients) and the rank takes part in DDP's all-reduce and FSDP2's
+reduce-scatter like the others; the other ranks' steps and the single process's are unchanged.
+(A transformers model cannot run on input ids of shape [0, T]: Llama's attention reshapes the
+[0, T, D] projections with a -1 dimension and raises; and under FSDP2 every rank must run every
+sharded layer's forward anyway, for its all-gather, so the empty rank runs the trunk on its
+padding rows and drops them before the loss.) The script prints the hidden shape each rank gave
+hykernels at that step and its loss. A process-group timeout turns a hang into an error.
+
 Loss normalisation: DDP and FSDP2 average gradients over the ranks, so the global token mean
 (what the single process computes) needs rd_weight = world_size / T on each rank, T the number of
 target tokens of the whole global batch (an all-reduce of the per-rank counts). The ranks here
@@ -30,6 +42,7 @@ process here computes exactly that.
 """
 import argparse
 import copy
+import datetime
 import os
 import sys
 
@@ -47,13 +60,21 @@ from hykernels.integrations.transformers import last_hidden_states, lm_head  # n
 
 VOCAB, ROWS, LENGTH, STEPS, LR = 256, 4, 12, 3, 0.5
 TARGET_LENGTHS = (12, 7, 10, 4)  # rows' target tokens: rank 0 gets 19, rank 1 gets 14 (of 2 ranks)
+EMPTY_STEP, EMPTY_ROWS = 1, (2, 3)  # at this step rows 2, 3 (rank 1 of 2) are all padding: no target tokens
+PAD = 0
 WAYS = ("ddp", "fsdp2", "fsdp2-full-tensor", "prg")
 
 
 def loss_of(hidden, weight, targets, batch):
-    """hykernels' loss on this rank's tokens: fused_loss (cross-entropy) or prg_loss (HyTuning)."""
+    """hykernels' loss on this rank's target tokens: fused_loss (cross-entropy) or prg_loss (HyTuning).
+
+    Only the target positions reach hykernels (hidden [n, D]; n = 0 on a rank without targets);
+    the shape it got is left in batch["hidden_shape"]."""
+    keep = targets != -100
+    hidden, targets = hidden[keep], targets[keep]
+    batch["hidden_shape"] = tuple(hidden.shape)
     if "prg" in batch:
-        return hk.prg_loss(hidden, weight, targets, batch["seq_ids"], prg=batch["prg"], is_rd=batch["is_rd"],
+        return hk.prg_loss(hidden, weight, targets, batch["seq_ids"][keep], prg=batch["prg"], is_rd=batch["is_rd"],
                            advantages=batch["advantages"])[0]
     return hk.fused_loss(hidden, weight, targets, rd_weight=batch["rd_weight"])[0]
 
@@ -76,12 +97,16 @@ class CausalLMLoss(torch.nn.Module):
 
 
 def global_batch(step):
-    """The same [ROWS, LENGTH] batch on every rank; rows without a target past TARGET_LENGTHS."""
+    """The same [ROWS, LENGTH] batch on every rank; rows without a target past TARGET_LENGTHS, and
+    at EMPTY_STEP the EMPTY_ROWS all padding, without a target."""
     g = torch.Generator().manual_seed(1000 + step)
     ids = torch.randint(2, VOCAB, (ROWS, LENGTH + 1), generator=g)
     targets = ids[:, 1:].clone()
     for row, n in enumerate(TARGET_LENGTHS):
         targets[row, n:] = -100
+    if step == EMPTY_STEP:
+        ids[list(EMPTY_ROWS)] = PAD
+        targets[list(EMPTY_ROWS)] = -100
     prg = torch.rand(ROWS, generator=g)
     advantages = torch.randn(ROWS, generator=g)
     return ids[:, :-1], targets, prg, advantages
@@ -115,7 +140,7 @@ def full(p):
 def train(way, world, rank):
     """One way, STEPS steps: (the distributed run's per-step global loss, the single process's, the
     distributed run's final parameters (whole), the single process's, the model, the type of the
-    lm_head weight hykernels got)."""
+    lm_head weight hykernels got, (hidden shape given to hykernels, loss) of each rank at EMPTY_STEP)."""
     prg = way == "prg"
     model = tiny_causal_lm("llama", VOCAB, seed=0)
     reference = copy.deepcopy(model)
@@ -148,6 +173,9 @@ def train(way, world, rank):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step == EMPTY_STEP:
+            empty = [None] * world
+            dist.all_gather_object(empty, (batch["hidden_shape"], loss.item(), loss.requires_grad))
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(mean.item() / world)
@@ -168,7 +196,7 @@ def train(way, world, rank):
         ref_losses.append(ref_loss.item())
     params = {n: full(p).detach() for n, p in model.named_parameters()}
     seen = "DTensor (sharded)" if way == "fsdp2-full-tensor" else getattr(net, "module", net).weight_seen
-    return losses, ref_losses, params, dict(reference.named_parameters()), model, seen
+    return losses, ref_losses, params, dict(reference.named_parameters()), model, seen, empty
 
 
 def sharded_weight_refused(model, rank, world):
@@ -200,11 +228,11 @@ def main(argv=None):
     p.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
     p.add_argument("--tol", type=float, default=2e-5, help="largest difference from the single process")
     args = p.parse_args(argv)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))  # a rank left waiting fails
     rank, world = dist.get_rank(), dist.get_world_size()
     worst_all = 0.0
     for way in args.ways:
-        losses, ref_losses, params, ref_params, model, seen = train(way, world, rank)
+        losses, ref_losses, params, ref_params, model, seen, empty = train(way, world, rank)
         init = tiny_causal_lm("llama", VOCAB, seed=0).state_dict()
         moved = max((q - init[n]).abs().max().item() for n, q in ref_params.items())
         diffs = torch.tensor([max(abs(a - b) for a, b in zip(losses, ref_losses)),
@@ -216,6 +244,9 @@ def main(argv=None):
                   f"(single process {' '.join(f'{x:.6f}' for x in ref_losses)}); "
                   f"largest loss difference {diffs[0].item():.2e}, parameter difference {diffs[1].item():.2e} "
                   f"(parameters moved up to {moved:.2e}); lm_head weight given to hykernels: {seen}", flush=True)
+            print(f"{way} empty rank: step {EMPTY_STEP} " + "; ".join(
+                f"rank {r} hidden {list(shape)} loss {value:g} requires_grad {grad}"
+                for r, (shape, value, grad) in enumerate(empty)), flush=True)
         if way == "fsdp2-full-tensor":
             message = sharded_weight_refused(model, rank, world)
             error = plain_full_tensor_error(model, rank, world)

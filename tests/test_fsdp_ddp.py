@@ -6,7 +6,14 @@ full_tensor(grad_placements=[Partial("avg")]); and with hk.prg_loss under FSDP2.
 per-step loss and final parameters equal a single-process run on the whole global batch. The
 sharded weight passed as it is is refused with a message naming both ways; a plain
 full_tensor() gets a wrong lm_head gradient (which is why the README and the message say
-grad_placements)."""
+grad_placements).
+
+At step 1 rank 1 gets no target tokens (its rows all padding): hykernels gets hidden of shape
+[0, D] there and returns a zero loss that is part of the graph, so that rank still joins DDP's
+all-reduce and FSDP2's reduce-scatter (a graph-disconnected zero there hangs DDP until the
+process-group timeout), and the losses and parameters above still equal the single process's on
+the union of the data (rd_weight = world / T, T the global target count)."""
+import os
 import re
 import subprocess
 import sys
@@ -21,8 +28,10 @@ WAYS = ("ddp", "fsdp2", "fsdp2-full-tensor", "prg")
 
 @pytest.fixture(scope="module")
 def output():
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # this checkout's hykernels
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "python/fsdp2_ddp_torchrun.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "python/fsdp2_ddp_torchrun.py"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": path})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -59,6 +68,15 @@ def test_sharded_weight_as_it_is_is_refused(output):
 def test_plain_full_tensor_misses_other_ranks_gradient(output):
     error = float(line(output, "plain full_tensor(): ").split()[-1])
     assert error > 0.1
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_rank_without_tokens(output, way):
+    """Under every way the empty rank's hykernels call had no rows; its zero loss is in the graph."""
+    text = line(output, f"{way} empty rank: ")
+    assert "rank 1 hidden [0, 64] loss 0 requires_grad True" in text, text
+    assert re.search(r"rank 0 hidden \[\d+, 64\] loss \S+ requires_grad True", text), text
+    assert "rank 0 hidden [0," not in text, text
 
 
 def test_all_ok(output):
