@@ -132,7 +132,7 @@ class _Call:
     def launch(self, kernel: str, fn, rows: int, cols: int, *args, **kwargs):
         """Launch a tiled kernel over a rows × cols output, one program per tile."""
         def grid(meta):
-            return (triton_cdiv(rows, meta["BLOCK_M"]) * triton_cdiv(cols, meta["BLOCK_N"]),)
+            return (math.ceil(rows / meta["BLOCK_M"]) * math.ceil(cols / meta["BLOCK_N"]),)
 
         return _configs.launch(kernel, fn, grid, self.dtype, self.device, *args, **kwargs, **self.dot)
 
@@ -148,7 +148,7 @@ class _Call:
         am = torch.empty(splits, rows, dtype=torch.int32, device=self.device)
         h = self.h[sl]
         tma = _configs.use_descriptors(h, self.w)
-        _configs.launch("logits_fwd", logits_fwd, lambda meta: (triton_cdiv(rows, meta["BLOCK_M"]) * splits,),
+        _configs.launch("logits_fwd", logits_fwd, lambda meta: (math.ceil(rows / meta["BLOCK_M"]) * splits,),
                         self.dtype, self.device, _configs.operand(h, tma), _configs.operand(self.w, tma), self.bias,
                         self.y[sl], z, m, s, t, u, zy, am, rows, self.vocab, self.dim, self.dim, self.dim,
                         0 if z is None else z.stride(0), split_width=width, num_splits=splits,
@@ -165,10 +165,6 @@ class _Call:
     def row_args(lse, lse_lo, coefs: RowCoefs, scale: float):
         return (lse.float().contiguous(), lse_lo.float().contiguous(),
                 *(c.to(torch.float32).mul(scale).contiguous() for c in coefs))
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class _Grads:
@@ -222,8 +218,8 @@ def token_partials(hidden, weight, bias, targets, opts: LogitOptions) -> Partial
 
 
 def token_stats(hidden, weight, bias, targets, opts: LogitOptions) -> tuple[TokenStats, torch.Tensor]:
-    valid, _ = target_mask(targets, weight.shape[0], opts.ignore_index)
-    return finish(token_partials(hidden, weight, bias, targets, opts), valid, torch.float32)
+    x = _Call(hidden, weight, bias, targets, opts)
+    return finish(x.partials(slice(0, x.n)), x.valid, torch.float32)
 
 
 def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs: RowCoefs, needs):
@@ -236,12 +232,12 @@ def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs
     work = torch.empty(min(rows, x.n), _padded(x.vocab), dtype=x.dtype, device=x.device)
     for sl in x.chunks(rows):
         c = sl.stop - sl.start
-        g = work[:c, :x.vocab]
-        scale = x.grad_scale(coefs.rows(sl))
+        g, rows_coefs = work[:c, :x.vocab], coefs.rows(sl)
+        scale = x.grad_scale(rows_coefs)
         h = x.h[sl]
         tma = _configs.use_descriptors(h, x.w)
         x.launch("logits_grad", logits_grad, c, x.vocab, _configs.operand(h, tma), _configs.operand(x.w, tma),
-                 x.bias, x.y[sl], g, *x.row_args(lse[sl], lse_lo[sl], coefs.rows(sl), scale), c, x.vocab, x.dim,
+                 x.bias, x.y[sl], g, *x.row_args(lse[sl], lse_lo[sl], rows_coefs, scale), c, x.vocab, x.dim,
                  x.dim, x.dim, g.stride(0), TMA=tma, **x.logit_args, **x.flags)
         grads.add(g, sl, scale)
     return grads.result()
@@ -285,7 +281,7 @@ def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
             g = _gradient_view(work, c, x.vocab, x.dtype)
             b = _configs.explicit(x.device) or GRAD_INPLACE
             launch = dict(num_warps=b.num_warps) if x.device.type == "cuda" else {}
-            grad_inplace[(triton_cdiv(c, b.m),)](
+            grad_inplace[(math.ceil(c / b.m),)](
                 z, g, x.y[sl], *x.row_args(stats.lse, lse_lo, coefs, scale), c, x.vocab, z.stride(0), g.stride(0),
                 opts.temperature, x.logit_args["inv_temp"], x.logit_args["softcap"],
                 HAS_SOFTCAP=x.flags["HAS_SOFTCAP"], BLOCK_R=b.m, BLOCK_V=b.n, UPCAST=x.dot["UPCAST"],

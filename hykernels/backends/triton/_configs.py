@@ -219,7 +219,7 @@ def launch(kernel: str, jit_fn, grid: Callable[[dict], tuple], dtype: torch.dtyp
         opts = dict(num_warps=b.num_warps, num_stages=b.num_stages) if device.type == "cuda" else {}
         jit_fn[grid(meta)](*args, **kwargs, **meta, **opts)
         return meta
-    tuned = _tuned(kernel, jit_fn, dtype, torch.cuda.get_device_capability(device)[0] * 10
-                   + torch.cuda.get_device_capability(device)[1])
+    major, minor = torch.cuda.get_device_capability(device)
+    tuned = _tuned(kernel, jit_fn, dtype, major * 10 + minor)
     tuned[grid](*args, **kwargs)
     return tuned.best_config.kwargs
