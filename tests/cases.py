@@ -62,3 +62,16 @@ def make_case(rng, shape, options, dtype, requires_grad=True, ignore_index=-100)
         return None if t is None else t.to(DEVICE, dtype).requires_grad_(requires_grad)
 
     return Case(leaf(h), leaf(w), y.to(DEVICE), leaf(b), temperature, softcap, chunk)
+
+
+def gradcheck_case(rng):
+    """A 6-row, 9-entry fp64 slice of the ragged case with softcap, one ignored row and a bias:
+    small enough for torch.autograd.gradcheck. (case, hidden, weight, targets, bias); the three
+    leaves require grad."""
+    c = make_case(rng, "ragged", "softcap_some_ignored", torch.float64)
+    h = c.hidden[:6].detach().requires_grad_()
+    w = c.weight[:9].detach().requires_grad_()
+    y = c.targets[:6] % 9
+    y[1] = -100
+    b = torch.randn(9, generator=rng, dtype=torch.float64).to(DEVICE).requires_grad_()
+    return c, h, w, y, b

@@ -97,13 +97,13 @@ def test_transformers_trainer_hytuning_batches(monkeypatch):
 
 def test_trl_grpo_hooks_equal_trl_and_train(monkeypatch, tmp_path):
     trl = pytest.importorskip("trl")
+    from test_grpo_variants import grpo_batch
+
     r = _recipe("trl_grpo", monkeypatch)
     trainer = r["make_trainer"](r["parse_args"](["--steps", "2"]), str(tmp_path))
     model, g = trainer.model.train(), torch.Generator().manual_seed(0)
     trainer.current_gradient_accumulation_steps = 1
-    prompt, completion = torch.randint(2, 256, (4, 5), generator=g), torch.randint(2, 256, (4, 6), generator=g)
-    completion_mask = (torch.arange(6) < torch.tensor([[6], [3], [5], [1]])).long()
-    ids, mask = torch.cat([prompt, completion], 1), torch.cat([torch.ones_like(prompt), completion_mask], 1)
+    prompt, completion, completion_mask, ids, mask = grpo_batch(g)
     # TRL's own log-probs and loss (its logits path) against the hykernels hooks, values and gradients
     trl_logps = trl.GRPOTrainer._get_per_token_logps_and_entropies.__get__(trainer)
     want, got = trl_logps(model, ids, mask, 6, compute_entropy=True), trainer._get_per_token_logps_and_entropies(

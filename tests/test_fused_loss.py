@@ -6,7 +6,7 @@ import torch
 
 import hykernels as hk
 import oracle
-from cases import make_case
+from cases import gradcheck_case, make_case
 from test_token_stats import BACKENDS, FP64_BACKENDS, assert_within_rule, grads
 
 TERM_SETS = {
@@ -92,12 +92,7 @@ def test_grad_equals_autograd_through_token_stats(rng):
 
 @pytest.mark.parametrize("backend", FP64_BACKENDS)
 def test_gradcheck_fp64(rng, backend):
-    c = make_case(rng, "ragged", "softcap_some_ignored", torch.float64)
-    h = c.hidden[:6].detach().requires_grad_()
-    w = c.weight[:9].detach().requires_grad_()
-    y = c.targets[:6] % 9
-    y[1] = -100
-    b = torch.randn(9, generator=rng, dtype=torch.float64).to(h.device).requires_grad_()
+    c, h, w, y, b = gradcheck_case(rng)
     s = hk.token_stats(h, w, y, bias=b, softcap=c.softcap, temperature=0.8)
     t = {k: v.double() for k, v in make_terms(rng, s.logp, TERM_SETS["all_terms"]).items()}
 

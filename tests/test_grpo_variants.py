@@ -265,6 +265,15 @@ RECIPE_SETTINGS = [(lt, level, bias_kl) for lt in LOSS_TYPES for level in ("toke
                    for bias_kl in (False, True)]
 
 
+def grpo_batch(g):
+    """4 rollouts of TRL's layout: 5 prompt tokens, 6 completion tokens of which the first 6, 3,
+    5, 1 count. (prompt, completion, completion_mask, ids, attention mask)."""
+    prompt, completion = torch.randint(2, 256, (4, 5), generator=g), torch.randint(2, 256, (4, 6), generator=g)
+    completion_mask = (torch.arange(6) < torch.tensor([[6], [3], [5], [1]])).long()
+    ids, mask = torch.cat([prompt, completion], 1), torch.cat([torch.ones_like(prompt), completion_mask], 1)
+    return prompt, completion, completion_mask, ids, mask
+
+
 def test_trl_recipe_matches_trl_for_every_variant(monkeypatch, tmp_path):
     """python/trl_grpo.py's _compute_loss equals TRL's own (its logits path) for every loss type,
     importance-sampling level and KL correction it accepts: values and gradients."""
@@ -278,9 +287,7 @@ def test_trl_recipe_matches_trl_for_every_variant(monkeypatch, tmp_path):
     trainer = r["make_trainer"](r["parse_args"](["--steps", "1"]), str(tmp_path))
     model, g = trainer.model.train(), torch.Generator().manual_seed(1)
     trainer.current_gradient_accumulation_steps = 2
-    prompt, completion = torch.randint(2, 256, (4, 5), generator=g), torch.randint(2, 256, (4, 6), generator=g)
-    completion_mask = (torch.arange(6) < torch.tensor([[6], [3], [5], [1]])).long()
-    ids, mask = torch.cat([prompt, completion], 1), torch.cat([torch.ones_like(prompt), completion_mask], 1)
+    prompt, completion, completion_mask, ids, mask = grpo_batch(g)
     trl_logps = trl.GRPOTrainer._get_per_token_logps_and_entropies.__get__(trainer)
     with torch.no_grad():
         logp = trl_logps(model, ids, mask, 6)[0]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import hykernels as hk
 import oracle
-from cases import make_case
+from cases import gradcheck_case, make_case
 from conftest import DEVICE
 from test_token_stats import BACKENDS, FP64_BACKENDS, assert_within_rule, grads
 
@@ -89,12 +89,7 @@ def test_class_weights_through_rd_weight(rng, backend, reduction):
 @pytest.mark.parametrize("backend", FP64_BACKENDS)
 def test_reduction_none_gradcheck(rng, backend):
     """reduction='none' recomputes the logits in backward with a per-token upstream gradient."""
-    c = make_case(rng, "ragged", "softcap_some_ignored", torch.float64)
-    h = c.hidden[:6].detach().requires_grad_()
-    w = c.weight[:9].detach().requires_grad_()
-    y = c.targets[:6] % 9
-    y[1] = -100
-    b = torch.randn(9, generator=rng, dtype=torch.float64).to(DEVICE).requires_grad_()
+    c, h, w, y, b = gradcheck_case(rng)
     adv = torch.randn(6, generator=rng, dtype=torch.float64).to(DEVICE)
     # off-policy: on-policy ρ ≡ 1 has a policy gradient but a constant value, which gradcheck cannot see
     logp = hk.token_stats(h, w, y, bias=b, softcap=c.softcap).logp.detach()
