@@ -254,7 +254,8 @@ def main(argv=None):
                 print(f"sharded weight as it is: {message}")
                 print(f"plain full_tensor(): lm_head gradient relative error {error:.2e}", flush=True)
     if rank == 0:
-        print("ok" if worst_all < args.tol else "MISMATCH")
+        print("ok" if worst_all < args.tol else "MISMATCH", flush=True)
+    dist.barrier()  # every rank done with every collective before any rank tears gloo down
     dist.destroy_process_group()
 
 

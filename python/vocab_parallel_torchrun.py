@@ -70,7 +70,8 @@ def main():
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     if rank == 0:
         print(f"largest difference from the single-process run after {STEPS} steps: {worst.item():.2e}")
-        print("ok" if worst.item() < 1e-4 else "MISMATCH")
+        print("ok" if worst.item() < 1e-4 else "MISMATCH", flush=True)
+    dist.barrier()  # every rank done with every collective before any rank tears gloo down
     dist.destroy_process_group()
 
 
