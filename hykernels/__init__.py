@@ -1,4 +1,9 @@
-"""hykernels: fused kernels for HyTuning post-training (hytuning.md is the math contract)."""
+"""hykernels: fused kernels for HyTuning post-training (the math: docs/math.md).
+
+token_stats, fused_loss, answer_span_logprobs and prg_gains compute per-token statistics, the
+weighted RD + RLIF loss and PRG straight from hidden states and the lm_head weight, without
+holding the [tokens × vocab] logits; prg_loss and HyTuningLoss are the HyTuning recipe on top.
+"""
 from . import hytuning, metrics
 from ._checks import set_checks
 from ._types import PRGResult, TokenStats

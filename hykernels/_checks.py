@@ -25,8 +25,17 @@ _value_checks = os.environ.get("HYKERNELS_CHECKS", "1").strip().lower() not in (
 
 
 def set_checks(enabled: bool) -> None:
-    """Turn the value checks (target and span id range, empty spans, non-finite inputs) on or off
-    process-wide."""
+    """Turn the value checks on or off, process-wide (docs/math.md §1).
+
+    The value checks (target, span and sequence id range, empty spans, non-finite inputs) cost a
+    device→host sync each call; they are on by default (``HYKERNELS_CHECKS=0`` starts with them
+    off). With them off the kernels still never read out of bounds: out-of-range targets count
+    as ignored, out-of-range span ids towards no span, an empty span's mean is NaN and NaN
+    propagates. Shape, dtype and device checks, and PRG's probe offsets, are always on.
+
+    Args:
+        enabled: True to check values, False to skip those checks.
+    """
     global _value_checks
     _value_checks = bool(enabled)
 
@@ -367,7 +376,7 @@ def _check_offsets(offsets: torch.Tensor, support: torch.Tensor) -> None:
     _raise_nonfinite([("support", support)], nonfinite)
 
 
-# --- HyTuning: per-sequence inputs (hytuning.md §4, §6) ------------------------------------
+# --- HyTuning: per-sequence inputs (docs/math.md §4, §6) ------------------------------------
 
 
 class SequenceInputs(NamedTuple):

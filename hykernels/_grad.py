@@ -1,4 +1,4 @@
-"""The one backward of hytuning.md §2, as per-row coefficients.
+"""The one backward of docs/math.md §2, as per-row coefficients.
 
 Every loss built from the row statistics differentiates to
     dL/dz_v = p_v·(A + B·log p_v) + C·[v = y] + D,    log p_v = z_v − lse,

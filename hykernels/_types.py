@@ -8,11 +8,19 @@ import torch
 
 
 class TokenStats(NamedTuple):
-    """Per-row statistics of the logits z_r (hytuning.md §2), each of shape [N].
+    """Per-row statistics of the logits z_r (docs/math.md §2), each shaped like the targets.
 
     Floating fields are fp32 (fp64 when the inputs are fp64). ``logp``, ``entropy``,
     ``self_certainty`` and ``lse`` are differentiable w.r.t. hidden, weight and bias;
     ``confidence`` and ``argmax`` are read-outs without gradient.
+
+    Attributes:
+        logp: log p(y) = z_y − lse; 0 (and no gradient) on a row without a target.
+        entropy: H = lse − Σ_v p_v·z_v.
+        self_certainty: KL(U ‖ p) = lse − mean_v z_v − log V ≥ 0.
+        confidence: max_v p_v.
+        argmax: argmax_v z_v (int64).
+        lse: log Σ_v exp(z_v).
     """
 
     logp: torch.Tensor
@@ -23,18 +31,27 @@ class TokenStats(NamedTuple):
     lse: torch.Tensor
 
     def detach(self) -> "TokenStats":
+        """The same statistics, detached from the autograd graph."""
         return TokenStats(*(t.detach() for t in self))
 
     def reshape(self, shape) -> "TokenStats":
+        """Every field reshaped to ``shape``."""
         return TokenStats(*(t.reshape(shape) for t in self))
 
 
 class LossStats(NamedTuple):
-    """fused_loss's detached per-token read-outs: TokenStats' six fields, shaped like targets, plus
+    """fused_loss's detached per-token read-outs (docs/math.md §5), each shaped like the targets.
 
-    ``z_loss``: each token's z-loss term a_t·z_loss·lse_t² as it enters the returned loss (after
-    ``reduction``), so ``z_loss.sum()`` is the part of a reduced loss that is z-loss (Liger's
-    ``return_z_loss`` value); zeros when z_loss is off.
+    Attributes:
+        logp: As TokenStats.logp, detached.
+        entropy: As TokenStats.entropy, detached.
+        self_certainty: As TokenStats.self_certainty, detached.
+        confidence: As TokenStats.confidence.
+        argmax: As TokenStats.argmax (int64).
+        lse: As TokenStats.lse, detached.
+        z_loss: Each token's z-loss term a_t·z_loss·lse_t² as it enters the returned loss
+            (after ``reduction``), so ``z_loss.sum()`` is the part of a reduced loss that is
+            z-loss (Liger's ``return_z_loss`` value); zeros when z_loss is off.
     """
 
     logp: torch.Tensor
@@ -46,19 +63,22 @@ class LossStats(NamedTuple):
     z_loss: torch.Tensor
 
     def reshape(self, shape) -> "LossStats":
+        """Every field reshaped to ``shape``."""
         return LossStats(*(t.reshape(shape) for t in self))
 
 
-# PRG variants of hytuning.md §3, in the order the Triton kernel numbers them.
+# PRG variants of docs/math.md §3, in the order the Triton kernel numbers them.
 PRG_VARIANTS = ("progressive", "monotone", "net", "mean_gain", "min_gain")
 
 
 class PRGResult(NamedTuple):
-    """Per-trace PRG (hytuning.md §3) of a packed batch of traces, all detached.
+    """Per-trace PRG (docs/math.md §3) of a packed batch of T traces with S probes, all detached.
 
-    ``gains`` [S − T] are Δ_k = c_k − c_{k−1}, trace by trace; trace t's are
-    ``gains[gain_offsets[t]:gain_offsets[t + 1]]`` (gain_offsets [T + 1] int64).
-    ``scores`` [T] is the chosen variant's value per trace.
+    Attributes:
+        gains: [S − T] Δ_k = c_k − c_{k−1}, trace by trace; trace t's are
+            ``gains[gain_offsets[t]:gain_offsets[t + 1]]``.
+        gain_offsets: [T + 1] int64 offsets into ``gains`` (probe_offsets[t] − t).
+        scores: [T] the chosen variant's value per trace.
     """
 
     gains: torch.Tensor
@@ -69,7 +89,7 @@ class PRGResult(NamedTuple):
 @dataclass(frozen=True)
 class LogitOptions:
     """How logits are formed from hidden states: z = s(H·Wᵀ + b) / temperature, s(x) = c·tanh(x/c)
-    (softcap first, then temperature: hytuning.md §1)."""
+    (softcap first, then temperature: docs/math.md §1)."""
 
     temperature: float = 1.0
     softcap: Optional[float] = None

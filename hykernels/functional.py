@@ -1,9 +1,9 @@
 """Public functions: validate once, pick the backend, call the custom ops (hykernels/_ops.py).
 
-token_stats recomputes logits tiles in its backward (the §2 formula through _grad);
-fused_loss forms its gradients in the forward pass and its backward only scales them.
-answer_span_logprobs is token_stats' logp summed per span (§3 support); prg_gains turns the
-supports into PRG scores (§3), detached.
+token_stats recomputes logits tiles in its backward (the one backward of docs/math.md §2,
+through _grad); fused_loss (§5) forms its gradients in the forward pass and its backward only
+scales them. answer_span_logprobs is token_stats' logp summed per span (the support of §3);
+prg_gains turns the supports into PRG scores (§3), detached.
 
 The ops are torch.library custom ops and what runs here is traceable (shape and dtype checks,
 tensor arithmetic), so torch.compile(fullgraph=True) traces token_stats and fused_loss without
@@ -93,19 +93,45 @@ def token_stats(
     chunk_size: Optional[int] = None,
     process_group=None,
 ) -> TokenStats:
-    """Per-token statistics of the logits z = s(hidden·weightᵀ + bias)/temperature (the softcap
-    s(x) = softcap·tanh(x/softcap) first, then the temperature), without holding the [N, V]
-    logits (hytuning.md §2).
+    """Per-token statistics of the logits, without holding the [N, V] logits (docs/math.md §2).
 
-    hidden [..., D], weight [V, D], targets [...] (ints; ``ignore_index`` or None = no target).
-    Returns TokenStats(logp, entropy, self_certainty, confidence, argmax, lse), each shaped like
-    targets, fp32 (fp64 for fp64 inputs). logp, entropy, self_certainty and lse are differentiable
-    w.r.t. hidden, weight and bias; rows without a target have logp = 0 and no gradient through it.
+    The logits are z = s(hidden·weightᵀ + bias)/temperature, the softcap
+    s(x) = softcap·tanh(x/softcap) first, then the temperature (docs/math.md §1). The backward
+    recomputes the logits tile by tile (8·N·D·V FLOPs with the forward).
 
-    Vocabulary-parallel: with ``process_group`` (or a weight given as a DTensor sharded on dim 0)
-    weight and bias are this rank's slice of the vocabulary, hidden and targets (global ids) the
-    same on every rank; the statistics are those of the whole vocabulary on every rank, the
-    hidden gradient is summed across the group and each rank gets its own slice's weight gradient.
+    Args:
+        hidden: [..., D] floating tensor (fp16, bf16, fp32, fp64), e.g. a model's last hidden
+            states. Inside ``torch.autocast`` hidden, weight and bias are cast to the autocast
+            dtype, as ``F.linear`` would cast them.
+        weight: [V, D] lm_head weight, hidden's dtype and device.
+        targets: [...] integer next-token ids in [0, V), hidden's leading shape;
+            ``ignore_index`` marks a row without a target, None means no row has one.
+        bias: Optional [V] lm_head bias, hidden's dtype.
+        temperature: τ > 0, the sampler's temperature (applied after the softcap).
+        softcap: c > 0, the model's final-logit softcap, or None for none.
+        ignore_index: The target id meaning "no target".
+        backend: "auto", "reference", "torch_chunked", "triton" or "cuda".
+        chunk_size: Rows per chunk for the chunked backends (None: from their workspace budget).
+        process_group: Vocabulary-parallel: the ``torch.distributed`` group across which weight
+            (and bias) are slices of the vocabulary, hidden and targets (global ids) the same on
+            every rank. A weight given as a DTensor sharded on dim 0 needs none.
+
+    Returns:
+        TokenStats(logp, entropy, self_certainty, confidence, argmax, lse), each shaped like
+        targets: fp32 (fp64 for fp64 inputs), argmax int64. logp, entropy, self_certainty and
+        lse are differentiable w.r.t. hidden, weight and bias; a row without a target has
+        logp = 0 and no gradient through it. Vocabulary-parallel: the statistics of the whole
+        vocabulary on every rank; the hidden gradient is summed across the group and each rank
+        gets its own slice's weight gradient.
+
+    Raises:
+        TypeError: An input is not a tensor, hidden is not floating, weight or bias has another
+            dtype than hidden, targets is not an integer tensor, or the backend does not take
+            the dtype (triton and cuda refuse fp64).
+        ValueError: Shapes or devices do not match, temperature or softcap is not a finite
+            number > 0, the backend is unknown, or (value checks on) a target id is outside
+            [0, V) and not ignore_index, or hidden, weight or bias holds NaN/Inf.
+        BackendUnavailableError: The named backend cannot run on this device.
     """
     h, w, y, bias, lead, call, _ = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index,
                                             chunk_size, backend, process_group)
@@ -140,7 +166,9 @@ def fused_loss(
     chunk_size: Optional[int] = None,
     process_group=None,
 ) -> tuple[torch.Tensor, LossStats]:
-    """The weighted RD + RLIF loss of hytuning.md §5, L = Σ_t ℓ_t with
+    """The weighted RD + RLIF loss of docs/math.md §5, its gradients formed in the forward pass.
+
+    L = Σ_t ℓ_t with
 
         ℓ_t = a_t·((1−ε)·(−logp_t) + ε·mean_v(−log p_tv) + z·lse_t²)
               + b_t·(−min(ρ_t·A_t, clip(ρ_t, 1−ε_lo, 1+ε_hi)·A_t))
@@ -148,44 +176,78 @@ def fused_loss(
         k3_t = exp(ref_t − logp_t) − (ref_t − logp_t) − 1,
 
     a = rd_weight, b = rlif_weight, A = advantages, c = kl_weight, e = entropy_weight. Each is None
-    (term off), a number, or a tensor shaped like targets; they are constants (detached).
-    ``advantages`` may also be one per sequence, [S] or [S, 1], broadcast over the sequence's
-    tokens: sequences are the rows of targets [B, T] (or [..., T]), or given by ``seq_ids``
-    (shaped like targets, ids in [0, S), −1 = no sequence: advantage 0). Rows without a target
-    contribute nothing.
+    (term off), a number, or a tensor shaped like targets; they are constants (detached). Rows
+    without a target contribute nothing. The weights carry the normalisation: rd_weight = 1/T,
+    T the tokens with a target, is torch's mean cross-entropy; class weights cw are the per-token
+    weights cw[targets] / cw[targets of rows with a target].sum() (F.cross_entropy(weight=cw),
+    without label smoothing, whose vocabulary mean torch also weighs by cw). TRL's GRPO
+    normalisations are per-token weights too: hykernels.hytuning.grpo_token_weights.
 
-    Cross-entropy options (on the a_t term, so rd_weight is needed): ``label_smoothing`` ε ∈ [0, 1]
-    is torch's F.cross_entropy(label_smoothing=ε) (rows without a target excluded from both
-    parts); ``z_loss`` z ≥ 0 adds z·lse² per token, weighted like the cross-entropy (Liger's
-    lse_square_scale, PaLM's z-loss). ``stats.z_loss`` holds each token's z-loss term as it enters
-    the returned loss, so ``stats.z_loss.sum()`` is the z-loss part of a reduced loss (Liger's
-    ``return_z_loss``). Class weights cw are per-token weights: rd_weight = cw[targets] /
-    cw[targets of rows with a target].sum() is F.cross_entropy(weight=cw) (cw[targets] alone: its
-    reduction="sum"); with label smoothing torch also weighs the mean over the vocabulary by cw,
-    which per-token weights cannot express.
+    Cost: token-level terms form the gradients in the forward pass (6·N·D·V FLOPs on every
+    backend while a chunk of rows fits its workspace) and hold dH, dW, db until backward, which
+    only scales them. Sequence-level ratios and vocabulary-parallel calls need every row's
+    log-prob (or global lse) before any coefficient: a statistics pass, then a recompute pass
+    forming the gradients, both in forward (8·N·D·V; 8·N·D·V/P per rank). reduction="none"
+    runs the statistics pass in forward and recomputes the logits in backward (8·N·D·V).
 
-    ``reduction``: None (default) returns Σ_t ℓ_t, the weights carrying the normalisation; "sum"
-    is the same; "mean" divides it by T, the number of tokens with a target (0 when T = 0, where
-    torch gives NaN); "none" returns ℓ_t per token, shaped like targets (0 on rows without a
-    target), differentiable with any upstream gradient. With a reduction and no term given,
-    rd_weight = 1: plain cross-entropy, F.cross_entropy(logits, targets, reduction=...).
+    Args:
+        hidden: [..., D] floating tensor, e.g. a model's last hidden states (as for token_stats).
+        weight: [V, D] lm_head weight, hidden's dtype and device.
+        targets: [...] integer next-token ids, hidden's leading shape; ignore_index = no target.
+        rd_weight: a_t, the cross-entropy (RD) weight: None, a number, or a float tensor shaped
+            like targets.
+        rlif_weight: b_t, the PPO-clip (RLIF) weight; needs advantages.
+        advantages: A_t: a number, a tensor shaped like targets, or one value per sequence,
+            [S] or [S, 1], broadcast over the sequence's tokens (sequences are the rows of
+            targets [..., T], or given by seq_ids; a token of no sequence gets 0).
+        old_logp: Log-probs of the sampling policy, shaped like targets, for the importance ratio
+            ρ_t = exp(logp_t − old_t). None: on-policy, ρ ≡ 1 with gradient.
+        ref_logp: Log-probs of the reference policy, shaped like targets; needs kl_weight.
+        kl_weight: c_t, the weight of the k3 KL term to the reference; needs ref_logp.
+        entropy_weight: e_t, the weight of the entropy bonus −e_t·entropy_t.
+        clip_eps: (ε_lo, ε_hi) of the PPO clip, 0 ≤ ε_lo < 1, ε_hi ≥ 0; one number means both.
+        label_smoothing: ε ∈ [0, 1], torch's F.cross_entropy(label_smoothing=ε) on the a_t term
+            (rows without a target excluded from both parts); needs rd_weight.
+        z_loss: z ≥ 0: adds z·lse² per token, weighted like the cross-entropy (Liger's
+            lse_square_scale, PaLM's z-loss); needs rd_weight.
+        reduction: None (default) or "sum": Σ_t ℓ_t; "mean": Σ_t ℓ_t / T (0 when T = 0, where
+            torch gives NaN); "none": ℓ_t per token, shaped like targets (0 on rows without a
+            target), differentiable with any upstream gradient. With a reduction and no term
+            given, rd_weight = 1: plain cross-entropy, F.cross_entropy(logits, targets, reduction=...).
+        seq_ids: Integer tensor shaped like targets: each token's sequence in [0, S), −1 = none.
+            Needed for per-sequence advantages or sequence-level ratios of packed (1-D) targets.
+        importance_sampling_level: "token" (default) or "sequence" (GSPO; TRL's option of that
+            name): one ratio per sequence, ρ_s = exp(mean of logp − old over the sequence's
+            tokens with a target), in the PPO term and the bias-corrected KL. A token of no
+            sequence is a sequence of its own.
+        use_bias_correction_kl: TRL's option: the k3 term times the importance ratio, which
+            carries gradient.
+        temperature: τ > 0, as for token_stats.
+        softcap: c > 0 or None, as for token_stats.
+        bias: Optional [V] lm_head bias, hidden's dtype.
+        ignore_index: The target id meaning "no target".
+        backend: "auto", "reference", "torch_chunked", "triton" or "cuda".
+        chunk_size: Rows per chunk for the chunked backends (None: from their workspace budget).
+        process_group: Vocabulary-parallel, as for token_stats: the loss is the same on every
+            rank; gradients by a statistics pass and a recompute pass (8·N·D·V/P per rank).
 
-    Importance ratio ρ_t = exp(logp_t − old_t), ≡ 1 with gradient when old_logp is None
-    (on-policy). ``importance_sampling_level="sequence"`` (GSPO; TRL's option of that name) uses
-    one ratio per sequence, ρ_s = exp(mean of logp − old over the sequence's tokens with a target),
-    in the PPO term and in the bias-corrected KL (``use_bias_correction_kl``, TRL's: k3 times the
-    ratio, which carries gradient). A token of no sequence is a sequence of its own. TRL's loss
-    normalisations (grpo, bnpo, dr_grpo, dapo) are per-token weights:
-    hykernels.hytuning.grpo_token_weights builds them.
+    Returns:
+        A tuple (loss, stats). loss is a 0-dim tensor (shaped like targets with reduction="none"), fp32
+        (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight and bias. stats is a
+        LossStats of detached per-token read-outs shaped like targets: TokenStats' six fields
+        and z_loss, each token's z-loss term as it enters the returned loss (``z_loss.sum()`` is
+        the z-loss part of a reduced loss: Liger's ``return_z_loss``).
 
-    Cost: token-level terms form the gradients in the forward pass (6·N·D·V FLOPs on the
-    reference, torch_chunked and whole-row cuda paths; 8·N·D·V on triton) and hold them until
-    backward, which only scales them. Sequence-level ratios need every row's log-prob before any
-    coefficient: a statistics pass, then a recompute pass forming the gradients, both in forward
-    (8·N·D·V on every backend). reduction="none" runs the statistics pass in forward and
-    recomputes the logits in backward (8·N·D·V). Returns (loss, LossStats), the statistics
-    detached. ``process_group``: vocabulary-parallel, as for token_stats (the loss is the same on
-    every rank; gradients by a statistics pass and a recompute pass, 8·N·D·V/P).
+    Raises:
+        TypeError: As token_stats, or a term that is not a number or a float tensor, or
+            use_bias_correction_kl that is not a bool.
+        ValueError: As token_stats; no term given (and no reduction); a term without its partner
+            (rlif_weight and advantages, kl_weight and ref_logp); old_logp without a term that
+            uses it; label_smoothing or z_loss without rd_weight or out of range; a term of the
+            wrong shape; clip_eps out of range; an unknown reduction or importance_sampling_level;
+            reduction="none" with sequence-level ratios; seq_ids missing where 1-D targets need
+            it; (value checks on) seq_ids out of range or a term holding NaN/Inf.
+        BackendUnavailableError: The named backend cannot run on this device.
     """
     h, w, y, bias, lead, call, spec = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index,
                                                chunk_size, backend, process_group)
@@ -226,14 +288,38 @@ def answer_span_logprobs(
     chunk_size: Optional[int] = None,
     process_group=None,
 ) -> torch.Tensor:
-    """Answer log-probability per span: the support c of hytuning.md §3.
+    """Answer log-probability per span: the support c_k of docs/math.md §3.
 
-    hidden [R, D] holds the answer rows only (the lm_head runs on nothing else), targets [R] their
-    next-token ids, span_ids [R] the span (e.g. probe) each row belongs to, in [0, num_spans).
-    Returns [num_spans] fp32 (fp64 for fp64 inputs): reduce="sum" gives Σ logp over the span's
-    rows, "mean" divides by the number of its rows with a target (each span needs one; with value
-    checks off an empty span's mean is NaN). Rows without a target add nothing. Differentiable
-    w.r.t. hidden, weight and bias; the backward gathers each span's gradient to its rows.
+    The lm_head runs on the given rows only, e.g. the answer rows of a packed probe batch
+    (hykernels.hytuning.build_probes). Differentiable w.r.t. hidden, weight and bias; the backward
+    gathers each span's gradient to its rows (recomputing the logits: 8·R·D·V FLOPs in all).
+
+    Args:
+        hidden: [R, D] (or [..., D]) hidden states of the rows that predict answer tokens.
+        weight: [V, D] lm_head weight, hidden's dtype and device.
+        targets: [R] the answer tokens those rows predict; rows with ignore_index add nothing.
+        span_ids: [R] integer, the span (e.g. probe) each row belongs to, in [0, num_spans).
+        num_spans: The number of spans S (an int ≥ 1).
+        reduce: "mean" (default): Σ logp over the span's rows divided by the number of its rows
+            with a target (each span needs one); "sum": the plain sum.
+        bias: Optional [V] lm_head bias, hidden's dtype.
+        temperature: τ > 0, as for token_stats.
+        softcap: c > 0 or None, as for token_stats.
+        ignore_index: The target id meaning "no target".
+        backend: "auto", "reference", "torch_chunked", "triton" or "cuda".
+        chunk_size: Rows per chunk for the chunked backends (None: from their workspace budget).
+        process_group: Vocabulary-parallel, as for token_stats.
+
+    Returns:
+        [num_spans] supports, fp32 (fp64 for fp64 inputs). With value checks off, an empty
+        span's mean is NaN and rows with an out-of-range span id count towards no span.
+
+    Raises:
+        TypeError: As token_stats, or span_ids not an integer tensor.
+        ValueError: As token_stats; an unknown reduce, num_spans not a positive int, span_ids
+            not shaped like targets; (value checks on) a span id outside [0, num_spans), or
+            with reduce="mean" a span without a row with a target.
+        BackendUnavailableError: The named backend cannot run on this device.
     """
     h, w, y, bias, lead, call, spec = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index,
                                                chunk_size, backend, process_group)
@@ -256,16 +342,35 @@ def prg_gains(
     tau_g: float = 1.0,
     backend: str = "auto",
 ) -> PRGResult:
-    """Progressive Reasoning Gain per trace (hytuning.md §3) from its probes' supports.
+    """Progressive Reasoning Gain per trace (docs/math.md §3) from its probes' supports.
 
-    support [S] is c_0..c_K of every trace, trace by trace (e.g. answer_span_logprobs with one
-    span per probe); trace t's probes are support[probe_offsets[t]:probe_offsets[t + 1]]
-    (probe_offsets [T + 1], from 0 to S, each trace at least one probe). ``variant`` is one of
-    progressive (ρ·σ((c_K − c_0)/tau_g), ρ = Σmax(Δ,0)/(Σ|Δ| + eps)), monotone, net, mean_gain,
-    min_gain; a trace with K = 0 has ρ = monotone = 1/2 and net = mean_gain = min_gain = 0.
+    With the gains Δ_k = c_k − c_{k−1} of a trace with probes c_0..c_K, the variants are
+    progressive: ρ·σ((c_K − c_0)/tau_g) with ρ = Σ max(Δ, 0)/(Σ |Δ| + eps); monotone: the
+    fraction of Δ_k > 0; net: c_K − c_0; mean_gain: mean Δ_k; min_gain: min Δ_k. A trace with
+    K = 0 has ρ = monotone = 1/2 (so progressive = 1/4) and net = mean_gain = min_gain = 0.
 
-    Returns PRGResult(gains [S − T], gain_offsets [T + 1], scores [T]), fp32 (fp64 for fp64
-    support). All outputs are detached: PRG is a weighting signal, not a loss to differentiate.
+    Args:
+        support: [S] floating, c_0..c_K of every trace, trace by trace (e.g.
+            answer_span_logprobs with one span per probe).
+        probe_offsets: [T + 1] integer: trace t's probes are
+            support[probe_offsets[t]:probe_offsets[t + 1]]; from 0 to S, strictly increasing
+            (every trace has at least c_0). Always checked, value checks on or off.
+        variant: "progressive" (default), "monotone", "net", "mean_gain" or "min_gain".
+        eps: ε > 0 of progressive's ρ.
+        tau_g: τ_g > 0, the temperature of progressive's net-gain sigmoid.
+        backend: Which backend's segment kernels run ("auto": as for token_stats).
+
+    Returns:
+        PRGResult(gains [S − T], gain_offsets [T + 1] int64, scores [T]), fp32 (fp64 for fp64
+        support), all detached: PRG is a weighting signal, not a loss to differentiate. Trace
+        t's gains are gains[gain_offsets[t]:gain_offsets[t + 1]].
+
+    Raises:
+        TypeError: support is not a floating tensor or probe_offsets not an integer tensor.
+        ValueError: Shapes or devices do not match; offsets that do not start at 0, increase
+            strictly and end at S; an unknown variant; eps or tau_g not a finite number > 0;
+            (value checks on) support holding NaN/Inf.
+        BackendUnavailableError: The named backend cannot run on this device.
     """
     support, offsets, eps, tau_g = check_prg_inputs(support, probe_offsets, variant, eps, tau_g)
     impl = backends.resolve(backend, support.device, support.dtype, arg="support")

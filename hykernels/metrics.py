@@ -1,4 +1,4 @@
-"""Confidence-faithfulness metrics (hytuning.md §7).
+"""Confidence-faithfulness metrics (docs/math.md §7).
 
 Every function takes, per answered question, a confidence c_i in [0, 1] and a correctness
 o_i in {0, 1} (bool or 0/1 numbers) as 1-D array-likes or torch tensors of the same length, and
@@ -37,6 +37,16 @@ STRATEGIES = ("uniform", "quantile")
 
 
 class ReliabilityBin(NamedTuple):
+    """One bin of a reliability diagram.
+
+    Attributes:
+        lower: The bin's lower edge (inclusive).
+        upper: The bin's upper edge (exclusive, except for the last bin).
+        count: Answers in the bin.
+        confidence: Their mean confidence (nan when empty).
+        accuracy: Their share correct (nan when empty).
+    """
+
     lower: float
     upper: float
     count: int
@@ -195,8 +205,11 @@ def overconfidence_rate(confidence, correct, *, threshold: float = 0.9) -> float
 
 
 def summary(confidence, correct) -> dict:
-    """All §7 numbers in one dict (defaults: 15 bins, threshold 0.9). Never raises for a single
-    class: ``auroc`` is None then."""
+    """All docs/math.md §7 numbers in one dict (defaults: 15 bins, threshold 0.9).
+
+    Keys: n, accuracy, mean_confidence, ece, ece_quantile, brier, auroc, aurc,
+    overconfidence_rate. Never raises for a single class: ``auroc`` is None then.
+    """
     c, o = _inputs(confidence, correct)
     return {
         "n": int(c.size),

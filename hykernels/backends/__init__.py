@@ -13,7 +13,7 @@ Every backend module offers the same small interface:
 ``needs`` is (hidden, weight, bias) booleans: gradients not needed are not computed (None).
 ``lse_lo`` is lse's rounding remainder (lse + lse_lo ≈ the exact log-normaliser, see
 _dense.row_stats); the backward needs it so large-magnitude logits keep fp32 accuracy.
-The segment ops (hytuning.md §3) return fp32 (fp64 for fp64 inputs) and take validated inputs:
+The segment ops (docs/math.md §3) return fp32 (fp64 for fp64 inputs) and take validated inputs:
 segment ids in range, probe offsets starting at 0, strictly increasing, ending at S. prg_scores'
 ``variant`` is one of _types.PRG_VARIANTS; trace t's probes are support[off[t]:off[t+1]] and its
 gains are concatenated trace by trace.

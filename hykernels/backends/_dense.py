@@ -76,7 +76,7 @@ def logits(
     opts: LogitOptions,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """z = s(H·Wᵀ + b)/τ in ``dtype`` (hytuning.md §1: the model's softcap first, then the
+    """z = s(H·Wᵀ + b)/τ in ``dtype`` (docs/math.md §1: the model's softcap first, then the
     sampler's temperature). The GEMM's output is already ``dtype`` (``gemm``): the bias, softcap
     and temperature apply to unrounded fp32 (fp64) values."""
     z = gemm(hidden, weight, dtype)

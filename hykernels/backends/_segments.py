@@ -1,4 +1,4 @@
-"""Segment reductions shared by the PyTorch backends: answer-span sums and PRG (hytuning.md §3).
+"""Segment reductions shared by the PyTorch backends: answer-span sums and PRG (docs/math.md §3).
 
 Vectorised with index_add_/scatter_reduce_ over a per-element segment index: no Python loop
 over traces and no host sync, so each call is a handful of kernels on any device. Results are

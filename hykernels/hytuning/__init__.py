@@ -1,4 +1,9 @@
-"""The HyTuning method on top of the kernels: PRG probes, rewards and the §6 objective."""
+"""The HyTuning method on top of the kernels (docs/math.md §3, §4, §6).
+
+PRG probes (build_probes and the step helpers), RLIF rewards and GRPO advantages, TRL's GRPO
+normalisations as per-token weights (grpo_token_weights), and the HyTuning objective (prg_loss,
+HyTuningLoss, HyTuningConfig).
+"""
 from .grpo import LOSS_TYPES, grpo_token_weights
 from .objective import HyTuningConfig, HyTuningLoss, HyTuningOutput, prg_loss
 from .probes import (ProbeBatch, ProbeTrace, build_probes, find_step_ends, merge_steps, separate_probes,

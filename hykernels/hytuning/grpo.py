@@ -16,6 +16,7 @@ import torch
 from .._checks import check_seq_ids
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+"""TRL's GRPOTrainer loss_type values that grpo_token_weights reproduces."""
 
 
 def grpo_token_weights(mask: torch.Tensor, loss_type: str = "dapo", *, seq_ids: Optional[torch.Tensor] = None,
@@ -37,6 +38,24 @@ def grpo_token_weights(mask: torch.Tensor, loss_type: str = "dapo", *, seq_ids: 
       multiplies by accumulation steps / steps_per_generation (python/trl_grpo.py shows how).
       Default: the mask's own count, i.e. bnpo.
     - ``luspo``: (1/B) Σ_i Σ_{t∈o_i} ℓ_t
+
+    Args:
+        mask: 1 (or True) where a token is in the loss: [B, T], or any shape with seq_ids.
+        loss_type: One of LOSS_TYPES: "grpo", "bnpo", "dr_grpo", "dapo" (default), "luspo".
+        seq_ids: Integer tensor shaped like mask: each token's sequence, −1 for none.
+        num_seqs: B with seq_ids (default: 1 + the largest id).
+        max_completion_length: A positive int, needed by "dr_grpo".
+        num_items_in_batch: A number > 0 or a tensor: "dapo"'s token count.
+
+    Returns:
+        Per-token weights shaped like mask (0 outside it), fp32 (fp64 for an fp64 mask):
+        pass them as fused_loss's rlif_weight (and beta times them as kl_weight).
+
+    Raises:
+        ValueError: An unknown loss_type, a missing or invalid max_completion_length
+            ("dr_grpo") or num_items_in_batch ("dapo"), a 1-D mask without seq_ids, or seq_ids
+            of the wrong shape or (value checks on) out of range.
+        TypeError: mask is not a tensor of at least one dimension.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")

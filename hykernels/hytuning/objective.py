@@ -1,4 +1,4 @@
-"""The HyTuning recipe (hytuning.md §6): PRG-weighted RD + PRG-gated RLIF through one fused_loss.
+"""The HyTuning recipe (docs/math.md §6): PRG-weighted RD + PRG-gated RLIF through one fused_loss.
 
 prg_loss turns per-sequence PRG, kinds, rewards/advantages and a mix λ into the per-token
 weights of §5 and calls `fused_loss` once; HyTuningLoss is its stateful form (λ smoothed by an
@@ -26,6 +26,27 @@ from .rewards import GATED_VARIANTS, gate_rewards, group_advantages
 
 @dataclass
 class HyTuningConfig:
+    """Every constant of the HyTuning recipe (docs/math.md §6), with its default.
+
+    Attributes:
+        lambda0: λ₀, the base RD share of the loss.
+        kappa: κ, how strongly the PRG gap between RD and RLIF sequences moves λ.
+        lambda_min: Lower clamp of λ.
+        lambda_max: Upper clamp of λ.
+        ema: λ's smoothing across steps in HyTuningLoss: λ ← ema·λ + (1 − ema)·λ_batch.
+        rd_weight_min: Lower clamp of the RD sequence weight PRG_i / mean_RD(PRG).
+        rd_weight_max: Upper clamp of the RD sequence weight.
+        eps: ε of the RD weight's division and of the group advantages.
+        prg_variant: The PRG variant the ``prg`` tensor holds; rewards are gated only by
+            variants in [0, 1] ("progressive", "monotone").
+        gate_rewards: Gate rollout rewards by PRG, u′ = PRG·u (docs/math.md §4).
+        std_normalize: GRPO advantages (True) or Dr. GRPO's, without the division by the std (False).
+        kl_coef: Weight of the k3 KL to the reference on RLIF tokens, relative to their PPO
+            weight (needs ref_logp).
+        entropy_coef: Weight of the entropy bonus on RLIF tokens, relative to their PPO weight.
+        clip_eps: (ε_lo, ε_hi) of the PPO clip.
+    """
+
     lambda0: float = 0.5  # base RD share
     kappa: float = 1.0  # how strongly the PRG gap moves λ
     lambda_min: float = 0.1
@@ -43,6 +64,15 @@ class HyTuningConfig:
 
 
 class HyTuningOutput(NamedTuple):
+    """What prg_loss and HyTuningLoss return besides the loss.
+
+    Attributes:
+        stats: fused_loss's detached per-token statistics (LossStats).
+        lam: The RD/RLIF mix λ used (a 0-dim fp64 CPU tensor when traced by torch.compile).
+        rd_weights: [S] w_i of the RD sequences, 0 elsewhere.
+        advantages: [S] A_i of the RLIF sequences, 0 elsewhere.
+    """
+
     stats: LossStats  # detached per-token statistics (fused_loss's)
     lam: float  # the RD/RLIF mix used (a 0-dim fp64 CPU tensor when traced by torch.compile)
     rd_weights: torch.Tensor  # [S] w_i for RD sequences, 0 elsewhere
@@ -91,17 +121,41 @@ def rlif_advantages(prg, is_rd, config, advantages=None, rewards=None, group_ids
 def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, rewards=None, group_ids=None,
              old_logp=None, ref_logp=None, lam: Optional[float] = None, config: Optional[HyTuningConfig] = None,
              **logit_kwargs):
-    """HyTuning loss of one packed batch (hytuning.md §6), one `fused_loss` call.
+    """HyTuning loss of one packed batch (docs/math.md §6), one `fused_loss` call.
 
-    seq_ids [...] (like targets): the sequence of each token, −1 for none. Per sequence [S]:
-    prg (PRG score), is_rd (RD trace or RLIF rollout), and for RLIF either ``advantages`` or
-    ``rewards`` + ``group_ids`` (GRPO; rewards gated by PRG for progressive/monotone PRG).
-    RD tokens get a_t = λ·w_i/T_RD, RLIF tokens b_t = (1−λ)/T_RLIF with A_t = A_i (PPO-clip when
-    old_logp is given), plus kl_coef and entropy_coef terms on RLIF tokens with the same
-    normalisation. T_* count target tokens; a kind with none contributes nothing. ``lam``
-    overrides the mix (HyTuningLoss passes its EMA). ``logit_kwargs``: bias, temperature,
-    softcap, ignore_index, backend, chunk_size, process_group (vocabulary-parallel weight) as for
-    fused_loss. Returns (loss, HyTuningOutput).
+    RD tokens of sequence i get a_t = λ·w_i/T_RD with w_i = clamp(PRG_i / (mean_RD PRG + ε),
+    rd_weight_min, rd_weight_max); RLIF tokens get b_t = (1 − λ)/T_RLIF with A_t = A_i (PPO-clip
+    when old_logp is given), plus kl_coef·b_t and entropy_coef·b_t terms. T_* count target
+    tokens; a kind with none contributes nothing. λ = clamp(λ₀ + κ·(mean_RD PRG − mean_RLIF PRG),
+    λ_min, λ_max), or 1 (0) for a batch of RD (RLIF) sequences only.
+
+    Args:
+        hidden: [..., D] hidden states, as for fused_loss.
+        weight: [V, D] lm_head weight.
+        targets: [...] next-token ids, ignore_index = no target.
+        seq_ids: Integer tensor shaped like targets: each token's sequence in [0, S), −1 for none.
+        prg: [S] floating PRG score per sequence.
+        is_rd: [S] bool: RD trace (True) or RLIF rollout (False).
+        advantages: [S] given advantages A_i of the RLIF sequences (entries of RD sequences are
+            ignored); or pass rewards and group_ids instead.
+        rewards: [S] rollout rewards u_i; the advantages are GRPO's within groups, over rewards
+            gated by PRG for gated variants (config.gate_rewards, config.prg_variant).
+        group_ids: [S] integer group label per sequence (rollouts of one query share one).
+        old_logp: Sampling-policy log-probs shaped like targets (None: on-policy).
+        ref_logp: Reference log-probs shaped like targets, for config.kl_coef.
+        lam: A mix λ to use instead of the batch's own (HyTuningLoss passes its EMA).
+        config: HyTuningConfig (default: HyTuningConfig()).
+        **logit_kwargs: bias, temperature, softcap, ignore_index, backend, chunk_size and
+            process_group (vocabulary-parallel weight), as for fused_loss.
+
+    Returns:
+        A tuple (loss, HyTuningOutput(stats, lam, rd_weights, advantages)).
+
+    Raises:
+        ValueError: Per-sequence inputs of the wrong shape, is_rd not bool, seq_ids out of
+            range, RLIF sequences without advantages or rewards + group_ids, both advantages
+            and rewards given, non-finite prg/rewards/advantages; and fused_loss's errors.
+        TypeError: As fused_loss.
     """
     config = config or HyTuningConfig()
     rd_tok, rlif_tok, adv_tok, lam, w_rd, adv = prg_token_weights(
@@ -159,8 +213,18 @@ def _(targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, lam, ignore_
 
 
 class HyTuningLoss(torch.nn.Module):
-    """Stateful prg_loss: λ is an EMA (from λ₀) of the λ of each training batch that holds both
-    kinds; it lives in a buffer, so it is saved with state_dict and resumes with the run."""
+    """Stateful prg_loss (docs/math.md §6): λ is smoothed across training steps.
+
+    λ starts at config.lambda0 and lives in a buffer (saved with state_dict, so it resumes with
+    the run). In training mode, each batch that holds both kinds first moves it,
+    λ ← ema·λ + (1 − ema)·λ_batch, and the batch is then weighed with the updated λ; in eval mode
+    λ stays. A batch of one kind uses λ = 1 (RD) or 0 (RLIF).
+
+    Args:
+        config: HyTuningConfig (default: HyTuningConfig()).
+        **logit_kwargs: Passed to every prg_loss call: bias, temperature, softcap,
+            ignore_index, backend, chunk_size, process_group.
+    """
 
     def __init__(self, config: Optional[HyTuningConfig] = None, **logit_kwargs):
         super().__init__()
@@ -170,6 +234,10 @@ class HyTuningLoss(torch.nn.Module):
 
     def forward(self, hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, rewards=None,
                 group_ids=None, old_logp=None, ref_logp=None):
+        """The loss of one batch: prg_loss with this module's λ, config and logit options.
+
+        Arguments as for prg_loss. Returns (loss, HyTuningOutput).
+        """
         seqs = check_sequence_inputs(targets, seq_ids, prg=prg, is_rd=is_rd, advantages=advantages,
                                      rewards=rewards, group_ids=group_ids)
         step_lam = mix_lambda(seqs.prg, seqs.is_rd, self.config)

@@ -1,4 +1,4 @@
-"""PRG probes (hytuning.md §3): step splitting and the packed one-forward-pass probe batch.
+"""PRG probes (docs/math.md §3): step splitting and the packed one-forward-pass probe batch.
 
 For a trace (prompt x, reasoning s split into steps s_1..s_K, answer a) probe k is
 x, s_≤k, cue, a with the answer teacher-forced. All K+1 probes share their prefixes, so one
@@ -18,8 +18,15 @@ DEFAULT_MAX_STEPS = 16
 
 
 class ProbeTrace(NamedTuple):
-    """Token ids of one trace. ``step_ends`` (exclusive ends into ``reasoning``) overrides
-    delimiter splitting when given."""
+    """Token ids of one trace: prompt x, reasoning s and answer a (docs/math.md §3).
+
+    Attributes:
+        prompt: Token ids of the prompt (question).
+        reasoning: Token ids of the reasoning, split into steps.
+        answer: Token ids of the answer (gold for RD, the rollout's own for RLIF); not empty.
+        step_ends: Optional exclusive step ends into ``reasoning`` (strictly increasing, the
+            last one len(reasoning)); given, they replace delimiter splitting for this trace.
+    """
 
     prompt: Sequence[int]
     reasoning: Sequence[int]
@@ -123,6 +130,7 @@ class ProbeBatch:
 
     @property
     def num_spans(self) -> int:
+        """The number of probes in the batch, Σ_t (K_t + 1): answer_span_logprobs' num_spans."""
         return int(self.probe_offsets[-1])
 
     def tokens(self) -> int:
@@ -163,12 +171,30 @@ def build_probes(
     mask_dtype: torch.dtype = torch.float32,
     device: Optional[torch.device] = None,
 ) -> ProbeBatch:
-    """Pack every trace's K+1 probes into one sequence (hytuning.md §3).
+    """Pack every trace's K+1 probes into one sequence (docs/math.md §3).
 
-    ``cue``: answer-cue token ids (e.g. the tokenizer's ids for "\\nAnswer: "), at least one,
-    so the first answer token is predicted inside its own copy. ``delimiters``: step
-    delimiter token sequences (e.g. the ids of "\\n\\n") for traces without explicit
-    ``step_ends``. Steps beyond ``max_steps`` are merged evenly.
+    Sequence t is the prompt, all K steps, then K+1 copies of (cue, answer); answer copy k sees
+    the prompt, steps 1..k and, causally, itself, with position ids continuing from the end of
+    step k. One model call on it gives every probe's support (probe_support).
+
+    Args:
+        traces: The traces (ProbeTrace), at least one.
+        cue: Answer-cue token ids (e.g. the tokenizer's ids for "\\nAnswer: "), at least one,
+            so the first answer token is predicted inside its own copy.
+        delimiters: Step delimiter token sequences (e.g. step_delimiters(tokenizer)) for traces
+            without explicit ``step_ends``; longer ones first. None given: one step per trace.
+        max_steps: Steps beyond this many are merged evenly (merge_steps).
+        pad_id: Token id that right-pads the shorter sequences.
+        mask_dtype: dtype of the additive attention mask.
+        device: Device of every tensor of the batch.
+
+    Returns:
+        A ProbeBatch.
+
+    Raises:
+        ValueError: No traces, an empty cue or answer, max_steps not a positive int, or
+            invalid step_ends.
+        TypeError: Token ids that are not ints.
     """
     cue = _ids("cue", cue)
     if not cue:
@@ -226,7 +252,11 @@ def build_probes(
 def separate_probes(trace: ProbeTrace, *, cue: Sequence[int], delimiters: Sequence[Sequence[int]] = (),
                     max_steps: int = DEFAULT_MAX_STEPS) -> list[tuple[list[int], int]]:
     """The K+1 probes of one trace as separate sequences (x, s_≤k, cue, a), each with the index
-    of its first answer token: the unpacked baseline the packed batch must reproduce."""
+    of its first answer token: the unpacked baseline the packed batch must reproduce.
+
+    Arguments as for build_probes, for one trace. Returns a list of (token ids, index of the
+    first answer token), probe 0 first.
+    """
     prompt, reasoning, answer, ends = _split_trace(0, trace, [_ids("delimiters", d) for d in delimiters], max_steps)
     out = []
     for end in [0] + ends:

@@ -6,7 +6,7 @@ Cohere's ``logit_scale``, Muse Glimmer's ``output_multiplier``, Falcon-H1's ``lm
 Granite's and MiniCPM3's ``logits_scaling`` (a divisor; HyperCLOVA X's multiplies). Tied embeddings
 need nothing special: the output embedding *is* the input embedding's weight.
 
-hykernels forms z = s(hidden·Wᵀ + b)/temperature (hytuning.md §1): the model's softcap first,
+hykernels forms z = s(hidden·Wᵀ + b)/temperature (docs/math.md §1): the model's softcap first,
 then the temperature, as TRL, verl and vLLM divide the model's (already softcapped) logits by
 their sampling temperature. So a sampler's temperature T multiplies into ``LMHead.temperature``
 (``dict(head.kwargs(), temperature=head.temperature * T)``), softcap or not. The model's α comes
@@ -26,7 +26,15 @@ from ..hytuning.probes import ProbeBatch
 
 @dataclass
 class LMHead:
-    """What ``fused_loss``/``token_stats`` need besides the hidden states."""
+    """What ``fused_loss``/``token_stats`` need besides the hidden states.
+
+    Attributes:
+        weight: [V, D] the output embedding's weight (the input embedding's, when tied).
+        bias: [V] its bias, or None.
+        softcap: The softcap that reproduces the model's logits (its final-logit softcap
+            divided by its logit multiplier), or None.
+        temperature: 1/α for the model's logit multiplier α (1.0 for most models).
+    """
 
     weight: torch.Tensor
     bias: Optional[torch.Tensor] = None
@@ -34,10 +42,27 @@ class LMHead:
     temperature: float = 1.0
 
     def kwargs(self) -> dict:
+        """bias, softcap and temperature as keyword arguments for the hykernels ops."""
         return dict(bias=self.bias, softcap=self.softcap, temperature=self.temperature)
 
 
 def lm_head(model) -> LMHead:
+    """The lm_head of a transformers CausalLM and the options that reproduce its logits.
+
+    Reads the output embedding, the config's
+    ``final_logit_softcapping`` and the logit multipliers of Cohere, Granite, MiniCPM3,
+    Falcon-H1 and others (docs/math.md §1). Multiply a sampler's temperature T into
+    ``temperature``: ``dict(head.kwargs(), temperature=head.temperature * T)``.
+
+    Args:
+        model: A transformers PreTrainedModel with a linear output embedding.
+
+    Returns:
+        LMHead(weight, bias, softcap, temperature).
+
+    Raises:
+        TypeError: The model has no linear output embedding.
+    """
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"model: {type(model).__name__} has no linear output embedding (lm_head)")
@@ -84,7 +109,8 @@ def last_hidden_states(model, input_ids, *, position_ids=None, attention_mask=No
 
 
 def probe_attention_mask(model, batch: ProbeBatch):
-    """The probe mask in the form the model's attention implementation takes."""
+    """The probe mask in the form the model's attention implementation takes: a FlexAttention
+    BlockMask for "flex_attention", else the dense additive mask in the model's dtype."""
     impl = getattr(model.config, "_attn_implementation", "eager")
     if impl == "flex_attention":
         return batch.block_mask()
@@ -93,8 +119,21 @@ def probe_attention_mask(model, batch: ProbeBatch):
 
 
 def probe_support(model, batch: ProbeBatch, *, reduce: str = "mean", backend: str = "auto") -> torch.Tensor:
-    """Support c_k of every probe (hytuning.md §3) from ONE forward pass of the packed batch:
-    the model runs once, the lm_head only on answer rows. Differentiable if grad is enabled."""
+    """Support c_k of every probe (docs/math.md §3) from ONE forward pass of the packed batch.
+
+    The model runs once on ``batch`` (its position ids and probe attention mask: a FlexAttention
+    block mask with ``attn_implementation="flex_attention"``, the dense mask otherwise) and the
+    lm_head only on the answer rows. Differentiable if grad is enabled.
+
+    Args:
+        model: A transformers CausalLM (or a peft model around one).
+        batch: The packed probes (hykernels.hytuning.build_probes).
+        reduce: "mean" (default) or "sum" over each probe's answer tokens.
+        backend: The hykernels backend for the lm_head on the answer rows.
+
+    Returns:
+        [batch.num_spans] supports, trace by trace (offsets: batch.probe_offsets), fp32.
+    """
     hidden = last_hidden_states(model, batch.input_ids, position_ids=batch.position_ids,
                                 attention_mask=probe_attention_mask(model, batch))
     rows = hidden.reshape(-1, hidden.shape[-1])[batch.rows]

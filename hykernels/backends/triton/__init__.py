@@ -291,7 +291,7 @@ def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
 
 
 SEGMENT_BLOCK = 1024  # values per segment_sum program
-PRG_BLOCK = 16  # gains per step of a PRG program: K ≤ 16 by default (hytuning.md §3), one step
+PRG_BLOCK = 16  # gains per step of a PRG program: K ≤ 16 by default (docs/math.md §3), one step
 PRG_LAUNCH = dict(num_warps=1)  # a 16-lane block: more warps would idle
 
 

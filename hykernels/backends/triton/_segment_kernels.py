@@ -1,4 +1,4 @@
-"""Triton segment kernels (hytuning.md §3): answer-span sums and PRG scores, fp32 accumulation.
+"""Triton segment kernels (docs/math.md §3): answer-span sums and PRG scores, fp32 accumulation.
 
 - ``segment_sum_kernel``: one program per block of values, fp32 atomic adds into out[segment].
   Answer spans are contiguous, so a block's adds mostly hit one address; at R answer rows this

@@ -132,7 +132,7 @@ def _logits_tile(H, W, B, r0, v0, N, V, D, stride_h, stride_w, inv_temp, softcap
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                  TMA: tl.constexpr):
     """z = s(H·Wᵀ + b)·inv_temp for rows r0.. × vocabulary v0.. (the model's softcap first, then
-    the sampler's temperature: hytuning.md §1), and the softcap slope s′(x) = 1 − tanh²(x/c)
+    the sampler's temperature: docs/math.md §1), and the softcap slope s′(x) = 1 − tanh²(x/c)
     (1 without softcap). 2·BLOCK_M·BLOCK_N·D FLOPs; reads a BLOCK_M×D and a BLOCK_N×D panel."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
