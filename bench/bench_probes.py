@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""PRG probes: one packed forward pass vs separate probe forwards (hytuning.md §3), CPU or GPU.
+"""PRG probes: one packed forward pass vs separate probe forwards (docs/math.md §3), CPU or GPU.
 
 For each K in --steps, a batch of synthetic traces (prompt, K reasoning steps, answer) is scored
 three ways, each giving the support c_0..c_K of every probe:

@@ -5,10 +5,10 @@ Workloads (each: one forward giving a scalar loss, then loss.backward()):
                (hykernels: fused_loss(rd_weight=1/T); peers: their fused linear CE)
   token_stats  per-token log-prob and entropy, loss = Σ_t a_t·(−logp_t) + b_t·entropy_t with
                random a, b > 0 (hykernels: token_stats; Liger: its per-token NLL/entropy path)
-  rd_rlif      the RD + RLIF step of hytuning.md §5: loss = Σ_t r_t·(−logp_t) + s_t·(−min(ρ_t·A_t,
+  rd_rlif      the RD + RLIF step of docs/math.md §5: loss = Σ_t r_t·(−logp_t) + s_t·(−min(ρ_t·A_t,
                clip(ρ_t)·A_t)) with ρ ≡ 1 (with gradient), random weights r, s > 0 and advantages A
                (hykernels: fused_loss(rd_weight, rlif_weight, advantages))
-  prg          the PRG probe support (hytuning.md §3): answer_span_logprobs over answer rows, loss
+  prg          the PRG probe support (docs/math.md §3): answer_span_logprobs over answer rows, loss
                = Σ_s g_s·c_s with random g
 
 Implementations (``IMPLS``, in the order a run takes them: hykernels first, then the peers, then

@@ -64,7 +64,7 @@ def new_report(config: dict, cases: list[dict], impls: list[str]) -> dict:
                       else "One process per implementation")),
         "memory": ("measured on the first timed repeat: peak_extra_bytes = peak above what was allocated "
                    "before it (all input sets); peak_above_io_bytes = that minus io_bytes (the gradients and "
-                   "the outputs, which any implementation must hold), hytuning.md §8"),
+                   "the outputs, which any implementation must hold), docs/math.md §8"),
         "correctness": {"method": "each implementation's loss, per-token outputs (rows with a target) and "
                                   "gradients (projected on 8 fixed random directions) against an fp32 reference "
                                   "(fp64 for fp64 inputs) computed chunk by chunk in the same run on the same "

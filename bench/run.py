@@ -12,7 +12,7 @@
 For every case (workload × model shape × N × dtype) and implementation it measures the forward
 time, the backward time (with which pass forms the gradients: fused designs form them in forward
 and their backward only scales them), forward+backward, the peak memory above the inputs, outputs
-and gradients, useful TFLOP/s = 6·N·D·V / (fwd+bwd) (hytuning.md §8) and the efficiency against a
+and gradients, useful TFLOP/s = 6·N·D·V / (fwd+bwd) (docs/math.md §8) and the efficiency against a
 matmul measured in the same run (GPU: bf16 8192³; CPU: fp32 2048³). Every result is compared with
 an fp32 reference computed in the same run (fp64 for fp64 inputs); a wrong one is flagged WRONG.
 

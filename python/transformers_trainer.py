@@ -3,7 +3,7 @@ lm_head weight goes to `hk.fused_loss`, and the [tokens × vocab] logits are nev
 
 HyTuningTrainer.compute_loss takes plain SFT/RD batches (input_ids, attention_mask, labels: the
 token-mean cross-entropy, equal to model(labels=...).loss) and HyTuning batches that also carry
-per-sequence columns prg, is_rd, reward, group_id (hytuning.md §6 through `HyTuningLoss`:
+per-sequence columns prg, is_rd, reward, group_id (docs/math.md §6 through `HyTuningLoss`:
 PRG-weighted RD on is_rd rows, PRG-gated GRPO on the rollouts). ``--packed`` makes the batches
 padding-free (collate_packed: the sequences of a batch concatenated in one row, position ids
 restarting per sequence, no attention mask); ``--lora`` trains LoRA adapters on the attention

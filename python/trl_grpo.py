@@ -5,7 +5,7 @@ them when upgrading): _get_per_token_logps_and_entropies (old/reference log-prob
 _compute_loss (one hk.fused_loss: PPO-clip on the group advantages with token- or sequence-level
 (GSPO) ratios, k3 KL to the reference when beta > 0, ratio-weighted with use_bias_correction_kl,
 TRL's loss_type normalisation as per-token weights) and _generate (keeps the prompt ids). Unless
-given reward_funcs, rollouts are rewarded by the policy's self-certainty (hytuning.md §4).
+given reward_funcs, rollouts are rewarded by the policy's self-certainty (docs/math.md §4).
 Offline, on the CPU, in seconds:
 
     pip install "hykernels[trl]"

@@ -95,7 +95,7 @@ def run(rank: int, world: int, init_file: str, backend: str, out_dir: str) -> No
     for name, a, c in zip(full._fields, full, part):
         res[f"stats.{name}"] = diff(a, c)
     res.update({"stats.dh": diff(dh, pdh), "stats.dw": diff(dw[sl], pdw), "stats.db": diff(db[sl], pdb)})
-    # and plain torch on the whole fp64 logits, softcap first, then temperature (hytuning.md §1)
+    # and plain torch on the whole fp64 logits, softcap first, then temperature (docs/math.md §1)
     gh, gw, gb = (t.double().requires_grad_() for t in (h, w, b))
     logp_all = torch.log_softmax(6.0 * torch.tanh((gh @ gw.T + gb) / 6.0) / 0.8, -1)
     g_logp = torch.where(y != -100, logp_all.gather(1, y.clamp(min=0)[:, None])[:, 0], 0.0)

@@ -1,8 +1,9 @@
-"""Independent test oracle: hytuning.md §2 and §5 transcribed naively with torch autograd.
+"""Independent test oracle: docs/math.md §2 and §5 transcribed naively with torch autograd.
 
 Nothing here imports hykernels. Gold values come from fp64; a "same-dtype torch" baseline
 (the GEMM in the input dtype, then fp32, as a transformers model computes logits) sets the
-error a low-precision path is allowed, following the tolerance rule of design.md.
+error a low-precision path is allowed (the tolerance rule: |ours − gold| ≤ |same-dtype torch − gold|
++ a small tol; fp32 paths: relative error ≤ 1e-5).
 """
 import math
 
@@ -20,7 +21,7 @@ def logits(h, w, b=None, temperature=1.0, softcap=None, gold=True):
         b = None if b is None else b.float()
     if b is not None:
         z = z + b
-    if softcap is not None:  # hytuning.md §1: the model's softcap first, then the sampler's temperature
+    if softcap is not None:  # docs/math.md §1: the model's softcap first, then the sampler's temperature
         z = softcap * torch.tanh(z / softcap)
     return z / temperature
 

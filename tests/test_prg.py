@@ -1,4 +1,4 @@
-"""PRG (hytuning.md §3): answer-span support and per-trace gains and scores, every backend against
+"""PRG (docs/math.md §3): answer-span support and per-trace gains and scores, every backend against
 a naive per-trace transcription of §3 written here, hand-computed cases and bad input."""
 import math
 import re

@@ -1,5 +1,5 @@
-"""Issue 13, items 1-3: the logits are z = s(H·Wᵀ + b)/τ (softcap first, then temperature: hytuning.md
-§1), half-precision inputs get fp32 logits, and Triton's tanh is as accurate as torch's.
+"""Issue 13, items 1-3: the logits are z = s(H·Wᵀ + b)/τ (softcap first, then temperature:
+docs/math.md §1), half-precision inputs get fp32 logits, and Triton's tanh is as accurate as torch's.
 
 Every check is against plain torch on materialised logits, written here without the oracle, so a
 mistake shared by tests/oracle.py and the backends would still show."""

@@ -32,7 +32,7 @@ def max_err(a, b):
 
 
 def assert_within_rule(name, ours, gold, baseline, dtype):
-    """design.md's tolerance rule in max-norm: |ours - gold| <= k·|same-dtype torch - gold| + tol.
+    """The tolerance rule (tests/oracle.py) in max-norm: |ours - gold| <= k·|same-dtype torch - gold| + tol.
 
     tol is 1e-5 of the gold's scale for fp32, and one ulp of the scale for half precision
     (finfo.eps: the result's own rounding to bf16/fp16 costs up to half of that). The baseline

@@ -15,7 +15,7 @@
 namespace hykernels {
 
 // z = s(x + bias[col]) · inv_temp, s(x) = softcap·tanh(x / softcap) when softcap > 0 (the model's
-// softcap first, then the sampler's temperature: hytuning.md §1).
+// softcap first, then the sampler's temperature: docs/math.md §1).
 struct LogitTransform {
   const float* bias;  // [cols], this slice of the bias in fp32; nullptr for none
   float inv_temp;
@@ -34,7 +34,7 @@ int logit_stats(float* tile, int64_t rows, int64_t cols, int64_t ld, int64_t col
 // Output element type of logit_grad, written in place over the fp32 tile.
 enum GradOut : int { kGradFloat32 = 0, kGradBFloat16 = 1, kGradFloat16 = 2 };
 
-// G = (dL/dz ∘ s′(x))/τ of hytuning.md §2 in lse-relative form (hykernels/_grad.py), the softcap
+// G = (dL/dz ∘ s′(x))/τ of docs/math.md §2 in lse-relative form (hykernels/_grad.py), the softcap
 // slope taken from the final logit as s′ = 1 − (τ·z/c)²:
 //   dL/dz_v = p_v·(A + B·log p_v) + C·[v = y] + D,  log p_v = (z_v − lse) − lse_lo,
 // with per-row A, B, C, D, lse, lse_lo ([rows] fp32). `transformed`: the tile already holds z
@@ -48,7 +48,7 @@ int logit_grad(float* tile, int64_t rows, int64_t cols, int64_t ld, int64_t col0
 // out[ids[i]] += values[i] for i < n (out zeroed by the caller; ids validated by the caller).
 int segment_sum(const float* values, const int64_t* ids, int64_t n, float* out, void* stream);
 
-// PRG of hytuning.md §3 per trace: trace t's supports are support[offsets[t] : offsets[t+1]];
+// PRG of docs/math.md §3 per trace: trace t's supports are support[offsets[t] : offsets[t+1]];
 // writes its gains Δ_k at gains[offsets[t] − t ...] and scores[t] for `variant` (the index in
 // hykernels._types.PRG_VARIANTS: 0 progressive, 1 monotone, 2 net, 3 mean_gain, 4 min_gain).
 int prg_scores(const float* support, const int64_t* offsets, int64_t traces, int variant, float eps, float tau_g,

@@ -17,7 +17,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kItems = 4;  // elements per thread per logit_grad tile
 
-// z = s(x + b)/τ: the model's softcap first, then the sampler's temperature (hytuning.md §1).
+// z = s(x + b)/τ: the model's softcap first, then the sampler's temperature (docs/math.md §1).
 __device__ __forceinline__ float transform(float x, int64_t j, const LogitTransform& tf) {
   if (tf.bias != nullptr) x += tf.bias[j];
   if (tf.softcap > 0.f) return tanhf(x / tf.softcap) * (tf.softcap * tf.inv_temp);

@@ -1,4 +1,4 @@
-// Segment reductions of hytuning.md §3: answer-span sums and the PRG gains/scores per trace.
+// Segment reductions of docs/math.md §3: answer-span sums and the PRG gains/scores per trace.
 // Both are tiny next to the lm_head (S probes, T traces ≪ N·V): simple, exact-order kernels.
 #include <cuda_runtime.h>
 
