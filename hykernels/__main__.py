@@ -23,17 +23,27 @@ def _info() -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hykernels")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="HyTuning end to end on embedded data (CPU, offline)")
+    demo = sub.add_parser("demo", help="HyTuning end to end: its effect on a tiny model, then the kernels on a real one (CPU, offline)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--steps", type=int, default=3, help="HyTuning optimiser steps")
+    demo.add_argument("--steps", type=int, default=40, help="post-training steps of part 1 (HyTuning and RLIF alone)")
+    demo.add_argument("--warmup-steps", type=int, default=600, help="supervised warm-up steps of part 1's base model")
     demo.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2-135M")
     demo.add_argument("--out-dir", default=".", help="where the reliability diagram PNG goes")
+    experiment = sub.add_parser("experiment", help="the ablation: RD, RLIF, RD + RLIF, HyTuning (CPU, offline)")
+    from .experiment.run import add_arguments
+
+    add_arguments(experiment)
     sub.add_parser("info", help="versions and which backends can run here")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from . import _demo
 
-        return _demo.main(seed=args.seed, tiny=args.tiny, steps=args.steps, out_dir=args.out_dir)
+        return _demo.main(seed=args.seed, tiny=args.tiny, steps=args.steps, warmup_steps=args.warmup_steps,
+                          out_dir=args.out_dir)
+    if args.command == "experiment":
+        from .experiment.run import from_args
+
+        return from_args(args)
     return _info()
 
 

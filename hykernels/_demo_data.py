@@ -33,22 +33,6 @@ RLIF_QUERIES = [
     "Sara has 4 bags with 6 apples each. She eats 5 apples. How many are left?",
 ]
 
-# Held-out questions with gold answers, for accuracy and calibration before and after.
-EVAL_SET = [
-    ("How many centimeters are in 3 meters?", "300"),
-    ("A train travels at 80 km per hour for 2 hours. How many km does it travel?", "160"),
-    ("How many minutes are in 3 hours?", "180"),
-    ("What is 10 percent of 50?", "5"),
-    ("Ben has 5 boxes with 10 pens each. How many pens does he have?", "50"),
-    ("How many seconds are in 2 minutes?", "120"),
-    ("How many grams are in 2 kilograms?", "2000"),
-    ("What is 7 * 8?", "56"),
-    ("A pizza has 8 slices. How many slices are in 3 pizzas?", "24"),
-    ("How many days are in 3 weeks?", "21"),
-    ("What is 100 - 37?", "63"),
-    ("How many hours are in 2 days?", "48"),
-]
-
 PROMPT = "Question: {question}\nThink step by step, separating steps with a blank line.\n"
 # The answer follows the cue after a space, encoded with it (" 150"), as BPE tokenizers split it.
 CUE = "\nAnswer:"

@@ -12,11 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_runs_and_agrees(tmp_path):
-    """The README's main job on the tiny model (the SmolLM2 run takes minutes: run by hand)."""
-    r = subprocess.run([sys.executable, "-m", "hykernels", "demo", "--tiny", "--steps", "2", "--out-dir", str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """The README's main job, short: a brief warm-up and 2 steps in part 1, the tiny model in part 2
+    (the full demo with SmolLM2 takes minutes: run by hand)."""
+    r = subprocess.run([sys.executable, "-m", "hykernels", "demo", "--tiny", "--steps", "2", "--warmup-steps", "20",
+                        "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    for line in ("| trace | steps | PRG |", "| step | loss | λ |", "| held-out | accuracy", "-> OK"):
+    for line in ("| step | HyTuning loss |", "| + 2 HyTuning steps |", "| + 2 RLIF-only steps |", "why: RLIF alone",
+                 "| trace | steps | PRG |", "-> OK"):
         assert line in r.stdout
     assert (tmp_path / "hykernels-demo-reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,0 +1,103 @@
+"""Held-out evaluation with generated reasoning: the model answers each prompt greedily, then its
+confidence is scored on its own generated answer (docs/math.md §7's default: exp of the mean log-prob of
+the answer tokens, given the prompt, the generated reasoning and the cue).
+
+A response without the cue or without a number after it is unanswered: wrong for accuracy (over
+every question) and left out of the calibration metrics, which are defined per answered question
+(docs/math.md §7); the answered share is reported beside them. (Counting an unanswered question
+as confidence 0 would make a model that stops answering look perfectly calibrated.)
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import metrics, token_stats
+from ..integrations.transformers import lm_head
+from . import task
+from .model import make_batch
+
+
+@torch.no_grad()
+def generate(model, tok: task.CharTokenizer, problems: list, *, sample: bool, max_new: int = 40,
+             num_return_sequences: int = 1) -> list:
+    """Responses (token ids up to and including end of sequence) of every problem's prompt,
+    ``num_return_sequences`` per prompt, in order. Every prompt has the same length."""
+    prompts = torch.tensor([tok.encode(p.prompt) for p in problems])
+    kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=max_new,
+                         num_return_sequences=num_return_sequences, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, **kwargs)
+    responses = []
+    for row in out[:, prompts.shape[1]:].tolist():
+        responses.append(row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row)
+    return responses
+
+
+def answer_spans(tok: task.CharTokenizer, responses: list) -> list:
+    """Per response: (start, end) of its answer tokens (after the cue, before end of sequence),
+    or None when it has no parsable answer."""
+    spans = []
+    for r in responses:
+        text = tok.decode(r)
+        _, answer = task.parse_answer(text)
+        if answer is None:
+            spans.append(None)
+            continue
+        cue_end = len(tok.encode(text.partition(task.CUE)[0] + task.CUE))
+        stop = r.index(tok.eos_token_id) if tok.eos_token_id in r else len(r)
+        spans.append((cue_end, stop))
+    return spans
+
+
+@torch.no_grad()
+def answer_confidence(model, tok: task.CharTokenizer, problems: list, responses: list) -> torch.Tensor:
+    """exp(mean log p(answer tokens)) of each response's own answer; NaN without an answer."""
+    spans = answer_spans(tok, responses)
+    conf = torch.full((len(responses),), float("nan"))
+    keep = [i for i, s in enumerate(spans) if s is not None]
+    if not keep:
+        return conf
+    batch = make_batch([tok.encode(problems[i].prompt) for i in keep], [responses[i] for i in keep],
+                       tok.pad_token_id)
+    plen = batch.ids.shape[1]
+    rows, which = [], []
+    for j, i in enumerate(keep):
+        start, end = spans[i]
+        offset = len(tok.encode(problems[i].prompt))
+        # the hidden state at position t predicts token t + 1
+        rows += [j * plen + offset + k - 1 for k in range(start, end)]
+        which += [j] * (end - start)
+    hidden = batch.hidden(model).reshape(-1, model.config.hidden_size)
+    rows, which = torch.tensor(rows), torch.tensor(which)
+    head = lm_head(model)
+    stats = token_stats(hidden[rows], head.weight, batch.ids.reshape(-1)[rows + 1], **head.kwargs())
+    mean = torch.zeros(len(keep)).index_add_(0, which, stats.logp) / torch.bincount(which, minlength=len(keep))
+    conf[keep] = mean.exp()
+    return conf
+
+
+def correctness(tok: task.CharTokenizer, problems: list, responses: list) -> torch.Tensor:
+    return torch.tensor([task.parse_answer(tok.decode(r))[1] == p.answer for p, r in zip(problems, responses)])
+
+
+def evaluate(model, tok: task.CharTokenizer, problems: list) -> dict:
+    """Of greedy answers: ``accuracy`` over every question and ``answered`` (share with an
+    answer); over the answered ones, metrics.summary (ECE, Brier, AUROC, AURC, overconfidence
+    rate, mean confidence; its accuracy as ``accuracy_answered``), None where nothing was
+    answered. Also the per-question confidences (None unanswered) and correctness, and the
+    first three responses as text (``examples``), to see what a model that changed now writes."""
+    was_training = model.training
+    model.eval()
+    responses = generate(model, tok, problems, sample=False)
+    conf = answer_confidence(model, tok, problems, responses)
+    correct = correctness(tok, problems, responses)
+    model.train(was_training)
+    answered = ~conf.isnan()
+    out = dict.fromkeys(("n", "mean_confidence", "ece", "ece_quantile", "brier", "auroc", "aurc",
+                         "overconfidence_rate"))
+    if answered.any():
+        out.update(metrics.summary(conf[answered], correct[answered]))
+    out["accuracy_answered"] = out.pop("accuracy", None)
+    out.update(accuracy=float(correct.float().mean()), answered=float(answered.float().mean()), questions=len(problems))
+    return dict(summary=out, confidence=[None if a != a else a for a in conf.tolist()], correct=correct.tolist(),
+                examples=[tok.decode(r) for r in responses[:3]])
