@@ -29,7 +29,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PUBLIC_MODULES = ("hykernels", "hykernels.functional", "hykernels.hytuning", "hykernels.metrics",
-                  "hykernels.integrations.transformers")
+                  "hykernels.integrations.transformers", "hykernels.experiment")
 
 FENCE = re.compile(r"^(`{3,})\s*([\w+-]*)[^\n]*$")
 SETUP_OPEN = "<!-- test-setup"

@@ -58,6 +58,20 @@ def mean_std(summaries: list) -> dict:
 def run(*, seeds=(0, 1, 2), arms=tuple(ARMS), split="test", out_dir="experiments/results",
         model_config: ModelConfig = None, train_config: TrainConfig = None, eval_every: int = 10,
         eval_size: int = None, command: str = None, log=print) -> dict:
+    """Run the ablation and write its files; returns the report that ``ablation.json`` holds.
+
+    Args:
+        seeds: one warmed-up base model per seed; every arm starts from it.
+        arms: names from ``hykernels.experiment.arms.ARMS``.
+        split: ``"test"`` (held out, reported) or ``"val"`` (for choosing settings).
+        out_dir: where ``ablation.json``, ``ablation_curves.png`` and the reliability diagrams go.
+        model_config: the tiny Llama and its warm-up (``ModelConfig()`` by default).
+        train_config: steps, sequences per step, rollouts per query, learning rate.
+        eval_every: steps between held-out evaluations (the curves); the last step always counts.
+        eval_size: evaluate on the split's first ``eval_size`` questions (all by default).
+        command: the command line recorded in the report.
+        log: where progress lines go (``print``).
+    """
     model_config, train_config = model_config or ModelConfig(), train_config or TrainConfig()
     t0 = time.perf_counter()
     tok, splits = task.CharTokenizer(), task.make_splits()
