@@ -127,23 +127,15 @@ def training_batch(rd, rl, enc, pad):
 
 
 def _largest_buffer_mib(fn):
-    """(largest floating tensor any torch op creates while ``fn`` runs, in MiB; fn's result):
-    the logits-sized buffer the reference needs and the fused path never forms."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """(largest tensor any aten op allocates while ``fn`` runs, in MiB; fn's result): the
+    logits-sized buffer the reference needs and the fused path never forms. The profiler's
+    memory accounting sees inside hykernels' custom ops, where a dispatch mode would not."""
+    from torch.profiler import ProfilerActivity, profile
 
-    class Largest(TorchDispatchMode):
-        size = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    self.size = max(self.size, t.numel() * t.element_size())
-            return out
-
-    with Largest() as rec:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    return rec.size / 2**20, result
+    sizes = [e.self_cpu_memory_usage for e in prof.events() if e.name.startswith("aten::")]
+    return max(sizes, default=0) / 2**20, result
 
 
 def effect(seed: int, steps: int, warmup_steps: int, out_dir: str) -> None:
@@ -166,7 +158,7 @@ def effect(seed: int, steps: int, warmup_steps: int, out_dir: str) -> None:
     warm = warm_up(model, tok, splits, config, seed)
     questions = splits.test[:200]
     before = evaluate(model, tok, questions)["summary"]
-    logs, after, hytuned = {}, {}, None
+    logs, after, hytuned, examples = {}, {}, None, {}
     for name in ("hytuning", "rlif"):
         torch.manual_seed(seed)
         policy = copy.deepcopy(model)
@@ -174,6 +166,7 @@ def effect(seed: int, steps: int, warmup_steps: int, out_dir: str) -> None:
         logs[name] = [trainer.step() for _ in range(steps)]
         result = evaluate(policy, tok, questions)
         after[name] = result["summary"]
+        examples[name] = result["examples"][0]
         if name == "hytuning":
             hytuned = result
     print(f"warm-up: {config.warmup_steps} steps, cross-entropy {warm[0]:.2f} -> {warm[-1]:.3f}")
@@ -199,6 +192,8 @@ def effect(seed: int, steps: int, warmup_steps: int, out_dir: str) -> None:
           f"HyTuning keeps PRG-weighted curated traces in every batch (λ {h[-1]['lam']:.2f} at the end) and gates "
           f"the rewards by PRG: accuracy {hy['accuracy']:.3f}, ECE {_num(hy['ece'])}. "
           "One seed; `python -m hykernels experiment` runs every arm over several seeds.")
+    print(f"first test question {questions[0].question!r} (gold {questions[0].answer}): after HyTuning the model "
+          f"writes {examples['hytuning']!r}; after RLIF alone {examples['rlif']!r}")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = Path(out_dir) / "hykernels-demo-reliability.png"
     try:
