@@ -37,10 +37,10 @@ Not modelled: the host's O(rows·splits) merges and coefficient math between the
 
 Roofline per pass: t = max(dot_flops/peak + epilogue_flops/vector_peak, bytes/bandwidth), the
 passes summed (they run one after another); ``ideal_ms`` = useful_flops/peak, the time of the
-useful FLOPs alone. Defaults are an H200's datasheet numbers (../.library/device/H200.md: dense
-bf16/fp16 ~990 TFLOP/s, plain fp32 ~67 TFLOP/s, HBM3e 4.8 TB/s, 132 SMs, 60 MB L2); measured on
-one such machine here (KINDS.md): ~790 TFLOP/s for an 8192³ bf16 matmul on random data and
-~4.3 TB/s device-to-device copy, so expect measured/roofline ≥ ~1.25 at best. fp32 inputs use
+useful FLOPs alone. Defaults are NVIDIA's H200 datasheet numbers (dense bf16/fp16 ~990 TFLOP/s,
+plain fp32 ~67 TFLOP/s, HBM3e 4.8 TB/s, 132 SMs, 60 MB L2). Real machines reach less (an 8192³ bf16
+matmul on random data is reported near ~790 TFLOP/s, a device-to-device copy near ~4.3 TB/s; not
+yet measured by this project), so expect measured/roofline ≥ ~1.25 at best. fp32 inputs use
 IEEE FMA dots (no tensor cores): their dot peak is the fp32 one.
 
 Tile sizes on a GPU come from autotuning: pass the chosen ones per kernel (``blocks_by_kernel``,
@@ -67,7 +67,7 @@ from hykernels._types import LogitOptions  # noqa: E402
 from hykernels.backends import triton as tb  # noqa: E402  (no Triton import: kernels load lazily)
 
 OPS = ("fused_loss", "token_stats", "token_stats_bwd")
-# An H200 (../.library/device/H200.md, datasheet numbers): dense tensor-core rate, plain fp32 rate, HBM3e.
+# An H200 (NVIDIA datasheet numbers): dense tensor-core rate, plain fp32 rate, HBM3e.
 PEAK_FLOPS = {"bfloat16": 990e12, "float16": 990e12, "float32": 67e12}
 VECTOR_FLOPS = 67e12
 HBM_BYTES_PER_S = 4.8e12
