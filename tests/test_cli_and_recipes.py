@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrun import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,7 +142,6 @@ def test_trl_grpo_hooks_equal_trl_and_train(monkeypatch, tmp_path):
 def test_vocab_parallel_torchrun_recipe_matches_single_process():
     """python/vocab_parallel_torchrun.py under torchrun, 2 CPU ranks (gloo): the sharded lm_head
     trains exactly like the single-process model."""
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "python/vocab_parallel_torchrun.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = torchrun("python/vocab_parallel_torchrun.py")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "ok", r.stdout

@@ -13,25 +13,18 @@ At step 1 rank 1 gets no target tokens (its rows all padding): hykernels gets hi
 all-reduce and FSDP2's reduce-scatter (a graph-disconnected zero there hangs DDP until the
 process-group timeout), and the losses and parameters above still equal the single process's on
 the union of the data (rd_weight = world / T, T the global target count)."""
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from torchrun import torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL = 2e-5  # fp32: the ranks' matmuls see half the rows, and gradients are averaged in another order
 WAYS = ("ddp", "fsdp2", "fsdp2-full-tensor", "prg")
 
 
 @pytest.fixture(scope="module")
 def output():
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # this checkout's hykernels
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "python/fsdp2_ddp_torchrun.py"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": path})
+    r = torchrun("python/fsdp2_ddp_torchrun.py")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
