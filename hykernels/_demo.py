@@ -23,7 +23,7 @@ import torch
 from . import functional as F
 from . import metrics
 from ._demo_data import CUE, PROMPT, RD_TRACES, RLIF_QUERIES
-from .hytuning import HyTuningLoss, ProbeTrace, build_probes, prg_loss, rewards_from_stats, step_delimiters
+from .hytuning import HyTuningLoss, ProbeTrace, build_probes, prg_loss, rollout_rewards, step_delimiters
 from .integrations.transformers import last_hidden_states, lm_head, probe_support
 
 GROUP = 4  # rollouts per RLIF query
@@ -145,6 +145,7 @@ def effect(seed: int, steps: int, warmup_steps: int, out_dir: str) -> None:
     from .experiment import task
     from .experiment.arms import ARMS, ArmTrainer, TrainConfig
     from .experiment.evaluate import evaluate
+    from .experiment.run import fmt
     from .experiment.model import ModelConfig, tiny_model, warm_up
 
     tok, splits = task.CharTokenizer(), task.make_splits()
@@ -184,13 +185,13 @@ def effect(seed: int, steps: int, warmup_steps: int, out_dir: str) -> None:
     for label, m in (("warmed up (start)", before), (f"+ {steps} HyTuning steps", after["hytuning"]),
                      (f"+ {steps} RLIF-only steps", after["rlif"])):
         print(f"| {label} | {m['accuracy']:.3f} | {m['answered']:.3f} | " + " | ".join(
-            _num(m[k]) for k in ("mean_confidence", "ece", "brier", "overconfidence_rate")) + " |")
+            fmt(m[k]) for k in ("mean_confidence", "ece", "brier", "overconfidence_rate")) + " |")
     r, hy = after["rlif"], after["hytuning"]
     print(f"why: RLIF alone rewards the model for being sure of its own samples, right or wrong, and no labelled "
           f"trace anchors it: accuracy {before['accuracy']:.3f} -> {r['accuracy']:.3f}, answered "
-          f"{before['answered']:.3f} -> {r['answered']:.3f}, ECE {_num(before['ece'])} -> {_num(r['ece'])}. "
+          f"{before['answered']:.3f} -> {r['answered']:.3f}, ECE {fmt(before['ece'])} -> {fmt(r['ece'])}. "
           f"HyTuning keeps PRG-weighted curated traces in every batch (λ {h[-1]['lam']:.2f} at the end) and gates "
-          f"the rewards by PRG: accuracy {hy['accuracy']:.3f}, ECE {_num(hy['ece'])}. "
+          f"the rewards by PRG: accuracy {hy['accuracy']:.3f}, ECE {fmt(hy['ece'])}. "
           "One seed; `python -m hykernels experiment` runs every arm over several seeds.")
     print(f"first test question {questions[0].question!r} (gold {questions[0].answer}): after HyTuning the model "
           f"writes {examples['hytuning']!r}; after RLIF alone {examples['rlif']!r}")
@@ -203,10 +204,6 @@ def effect(seed: int, steps: int, warmup_steps: int, out_dir: str) -> None:
         print(f"reliability diagram: {path}")
     except (ImportError, ValueError) as exc:  # no matplotlib, or no answered question
         print(f"reliability diagram skipped: {exc}")
-
-
-def _num(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 def kernels(seed: int, tiny: bool) -> bool:
@@ -248,11 +245,9 @@ def kernels(seed: int, tiny: bool) -> bool:
     objective = HyTuningLoss(**head.kwargs())
     model.train()
     hidden = last_hidden_states(model, ids, attention_mask=mask)
-    with torch.no_grad():  # rewards: self-certainty of the current policy on each rollout's response
-        st = F.token_stats(hidden.detach().reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1),
-                           **head.kwargs())
-    rewards = torch.zeros(len(prg))
-    rewards[n_rd:] = rewards_from_stats(st, rl_tokens.reshape(-1), len(rl))
+    rewards = torch.zeros(len(prg))  # self-certainty of the current policy on each rollout's response
+    rewards[n_rd:] = rollout_rewards(hidden.detach().reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1),
+                                     rl_tokens.reshape(-1), len(rl), **head.kwargs())
     args = (hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), seq_ids.reshape(-1))
     kwargs = dict(prg=prg, is_rd=is_rd, rewards=rewards, group_ids=groups)
     mem_fused, (loss, out) = _largest_buffer_mib(lambda: objective(*args, **kwargs))

@@ -24,10 +24,10 @@ from typing import Optional
 import torch
 
 from .. import functional as F
-from ..hytuning import HyTuningConfig, HyTuningLoss, ProbeTrace, build_probes, prg_loss, rewards_from_stats
+from ..hytuning import HyTuningConfig, HyTuningLoss, ProbeTrace, build_probes, prg_loss, rollout_rewards
 from ..integrations.transformers import lm_head, probe_support
 from . import task
-from .evaluate import generate
+from .evaluate import correctness, generate
 from .model import make_batch
 
 
@@ -97,7 +97,7 @@ class ArmTrainer:
 
     def _draw(self):
         c = self.config
-        n_rd = round(c.sequences * self.arm.rd_share) if self.arm.reward else c.sequences
+        n_rd = round(c.sequences * self.arm.rd_share)
         n_queries = (c.sequences - n_rd) // c.group
         curated = [self.rng.choice(self.splits.curated) for _ in range(n_rd)]
         queries = self.rng.sample(self.splits.queries, n_queries)
@@ -116,8 +116,7 @@ class ArmTrainer:
         n_rd, n = len(curated), len(prompts)
         is_rd = torch.arange(n) < n_rd
         groups = torch.tensor([-1] * n_rd + [g for g in range(len(queries)) for _ in range(c.group)])
-        correct = torch.tensor([task.parse_answer(tok.decode(r))[1] == p.answer for p, r in zip(rolled, responses)],
-                               dtype=torch.float32)
+        correct = correctness(tok, rolled, responses).float()
         if self.arm.use_prg:
             traces = [ProbeTrace(tok.encode(p.prompt), tok.encode(p.reasoning), tok.encode(p.answer))
                       for p in curated] + rollout_traces(tok, rolled, responses)
@@ -131,10 +130,9 @@ class ArmTrainer:
         flat = hidden.reshape(-1, hidden.shape[-1])
         rewards = torch.zeros(n)
         if self.arm.reward == "self_certainty":  # the current policy's self-certainty, no labels
-            with torch.no_grad():
-                stats = F.token_stats(flat.detach(), head.weight, batch.targets.reshape(-1), **head.kwargs())
             rl_ids = torch.where(batch.seq_ids >= n_rd, batch.seq_ids - n_rd, -1).reshape(-1)
-            rewards[n_rd:] = rewards_from_stats(stats, rl_ids, n - n_rd)
+            rewards[n_rd:] = rollout_rewards(flat.detach(), head.weight, batch.targets.reshape(-1), rl_ids, n - n_rd,
+                                             **head.kwargs())
         elif self.arm.reward == "correct":
             rewards[n_rd:] = correct
         args = (flat, head.weight, batch.targets.reshape(-1), batch.seq_ids.reshape(-1))

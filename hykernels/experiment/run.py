@@ -41,7 +41,8 @@ def device() -> str:
     return f"cpu: {platform.machine()}, {torch.get_num_threads()} torch threads ({platform.platform()})"
 
 
-def _num(x) -> str:
+def fmt(x) -> str:
+    """A metric to 3 decimals, or n/a where it does not exist (nothing answered)."""
     return "n/a" if x is None else f"{x:.3f}"
 
 
@@ -85,7 +86,7 @@ def run(*, seeds=(0, 1, 2), arms=tuple(ARMS), split="test", out_dir="experiments
         start = evaluate(model, tok, problems)
         base.append(start["summary"])
         log(f"seed {seed}: warm-up loss {warm[0]:.3f} -> {warm[-1]:.3f}; base model: "
-            f"accuracy {start['summary']['accuracy']:.3f}, ECE {_num(start['summary']['ece'])}")
+            f"accuracy {start['summary']['accuracy']:.3f}, ECE {fmt(start['summary']['ece'])}")
         for name in arms:
             torch.manual_seed(seed)  # the same sampling stream for every arm of a seed
             policy = copy.deepcopy(model)
@@ -99,7 +100,7 @@ def run(*, seeds=(0, 1, 2), arms=tuple(ARMS), split="test", out_dir="experiments
             results[name]["logs"].append(logs)
             final = evals[train_config.steps]["summary"]
             log(f"  {name:13s} accuracy {final['accuracy']:.3f}  answered {final['answered']:.3f}  "
-                f"ECE {_num(final['ece'])}  mean confidence {_num(final['mean_confidence'])}  "
+                f"ECE {fmt(final['ece'])}  mean confidence {fmt(final['mean_confidence'])}  "
                 f"({time.perf_counter() - t0:.0f} s)")
 
     report = dict(
@@ -137,12 +138,12 @@ def table(report: dict) -> str:
     head = "| arm | " + " | ".join(c.replace("_", " ") for c in cols) + " |"
     rows = [head, "|" + "---|" * (len(cols) + 1)]
 
-    def fmt(ms):
+    def mean_pm_std(ms):
         return "n/a" if ms is None else f"{ms[0]:.3f} ± {ms[1]:.3f}"
 
-    rows.append("| base model (warm-up) | " + " | ".join(fmt(report["base"]["mean_std"][c]) for c in cols) + " |")
+    rows.append("| base model (warm-up) | " + " | ".join(mean_pm_std(report["base"]["mean_std"][c]) for c in cols) + " |")
     for a in report["arms"].values():
-        rows.append(f"| {a['label']} | " + " | ".join(fmt(a["final"][c]) for c in cols) + " |")
+        rows.append(f"| {a['label']} | " + " | ".join(mean_pm_std(a["final"][c]) for c in cols) + " |")
     return "\n".join(rows)
 
 
