@@ -17,6 +17,8 @@ the references, ``reference_compiled`` last since compiling can take minutes):
   liger_flce          Liger-Kernel's fused linear cross-entropy
   cce                 Apple's Cut Cross-Entropy
   liger_nll_entropy   Liger's per-token NLL/entropy path
+  torch_lce           torch's chunked F.linear_cross_entropy (reduction="mean": gradients in forward)
+  torch_lce_none      the same with reduction="none" (per-token NLL, logits recomputed in backward)
   reference           hidden @ weightᵀ in the input dtype, fp32 [N, V] logits, autograd
   reference_compiled  the same under torch.compile
 Peers are optional (``pip install hykernels[bench]``): a missing one is a skip, never a failure.
@@ -28,7 +30,9 @@ against the gold (logp, entropy, support).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +261,97 @@ class LigerNLLEntropy(Impl):
         return run
 
 
+def torch_lce_source() -> str:
+    """Where torch's chunked linear cross-entropy comes from: ``torch`` when this torch has
+    ``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions`` (2.13+), ``file:DIR`` when
+    ``HYKERNELS_TORCH_LCE_SRC`` names a folder holding torch 2.13's pure-Python
+    ``linear_cross_entropy.py`` and ``linear_cross_entropy_options.py`` (taken from its wheel, for an
+    older torch such as the GPU machine's 2.11: the ops it calls exist there), else ''."""
+    if hasattr(torch.nn, "LinearCrossEntropyOptions") and hasattr(F, "linear_cross_entropy"):
+        return "torch"
+    src = os.environ.get("HYKERNELS_TORCH_LCE_SRC")
+    if src and all(os.path.isfile(os.path.join(src, f"{m}.py")) for m in _TORCH_LCE_FILES):
+        return f"file:{src}"
+    return ""
+
+
+_TORCH_LCE_FILES = ("linear_cross_entropy_options", "linear_cross_entropy")
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_lce_modules(src: str):
+    """(options module, op module) of torch's chunked path loaded from the files in ``src``."""
+    import sys
+
+    mods = []
+    for name in _TORCH_LCE_FILES:
+        spec = importlib.util.spec_from_file_location(f"_hk_bench_torch_{name}", os.path.join(src, f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        mods.append(mod)
+    return tuple(mods)
+
+
+def torch_lce(hidden, weight, targets, reduction: str):
+    """torch's ``F.linear_cross_entropy(hidden, weight, targets, reduction=..., ignore_index=-100,
+    options=LinearCrossEntropyOptions())``: the chunked path with its automatic chunk size and
+    accumulation policy. From files (torch_lce_source), the same dispatch F.linear_cross_entropy
+    makes: options._adjust, then the chunked op."""
+    src = torch_lce_source()
+    if src == "torch":
+        return F.linear_cross_entropy(hidden, weight, targets, reduction=reduction, ignore_index=IGNORE_INDEX,
+                                      options=torch.nn.LinearCrossEntropyOptions())
+    if not src:
+        raise Skip("this torch has no F.linear_cross_entropy with LinearCrossEntropyOptions (torch >= 2.13) and "
+                   "HYKERNELS_TORCH_LCE_SRC names no folder with its source")
+    opts_mod, op_mod = _torch_lce_modules(src[len("file:"):])
+    n, d = hidden.shape
+    o = opts_mod.LinearCrossEntropyOptions()._adjust(num_batches=n, in_features=d, num_classes=weight.shape[0],
+                                                     dtype=hidden.dtype, device=hidden.device)
+    if reduction == "none":
+        return op_mod._linear_cross_entropy_batch_chunked_no_reduction(
+            hidden, weight, targets, None, None, IGNORE_INDEX, o.batch_chunk_size, o.acc_policy, o.acc_dtype)
+    grad = torch.is_grad_enabled()
+    return op_mod._linear_cross_entropy_batch_chunked(
+        hidden, weight, targets, None, None, reduction, IGNORE_INDEX, 0.0, o.batch_chunk_size, o.acc_policy,
+        o.acc_dtype, o.allow_retain_graph, hidden.requires_grad and grad, weight.requires_grad and grad, False)[0]
+
+
+class TorchLCE(Impl):
+    """torch's own chunked linear cross-entropy (torch.nn.functional.linear_cross_entropy with
+    LinearCrossEntropyOptions(): no [N, V] logits). ``reduction="mean"`` forms the gradients in its
+    forward pass (as hykernels' fused_loss); ``"none"`` returns per-token NLL and recomputes the
+    logits in backward (as hykernels' token_stats), so it runs every per-token workload but
+    token_stats (no entropy)."""
+
+    def __init__(self, reduction: str):
+        self.reduction = reduction
+        self.name = "torch_lce" if reduction == "mean" else "torch_lce_none"
+        self.workloads = ("ce",) if reduction == "mean" else ("ce", "rd_rlif", "prg")
+        self.grads = dict.fromkeys(self.workloads, "fwd" if reduction == "mean" else "bwd")
+        self.dtypes = ("float32", "bfloat16", "float16")
+        self.description = (f"torch F.linear_cross_entropy(reduction={reduction!r}, "
+                            f"options=LinearCrossEntropyOptions()): torch's chunked path, automatic chunk size "
+                            f"and acc_policy" + (", gradients formed in forward" if reduction == "mean" else
+                                                 ", per-token NLL, logits recomputed in backward"))
+
+    def static_skip(self, case, device):
+        if not torch_lce_source():
+            return ("torch < 2.13 has no F.linear_cross_entropy options (set HYKERNELS_TORCH_LCE_SRC to a folder "
+                    "with torch 2.13's linear_cross_entropy*.py)")
+        return super().static_skip(case, device)
+
+    def build(self, workload, device, dtype):
+        if self.reduction == "mean":
+            return lambda x: (torch_lce(x["hidden"], x["weight"], x["targets"], "mean"), {})
+
+        def per_token(x):
+            nll = torch_lce(x["hidden"], x["weight"], x["targets"], "none")
+            return loss_from_logp(workload, -nll.float(), None, x)
+        return per_token
+
+
 class Reference(Impl):
     name = "reference"
     description = ("materialised logits: hidden @ weightᵀ in the input dtype, fp32 [N, V] logits, "
@@ -311,8 +406,8 @@ class Wrong(Impl):
 
 # The run order: hykernels paths first, then the peers, then the references (compile last).
 IMPLS = {i.name: i for i in (Hykernels("cuda"), Hykernels("triton"), Hykernels("torch_chunked"), LigerFLCE(),
-                             CCE(), LigerNLLEntropy(), Reference(), ReferenceCompiled(), Hykernels("reference"),
-                             Wrong())}
+                             CCE(), LigerNLLEntropy(), TorchLCE("mean"), TorchLCE("none"), Reference(),
+                             ReferenceCompiled(), Hykernels("reference"), Wrong())}
 PUBLIC_IMPLS = [n for n, i in IMPLS.items() if not i.hidden]
 DEFAULT_IMPLS = [n for n, i in IMPLS.items() if i.default]
 

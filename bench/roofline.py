@@ -385,12 +385,12 @@ def main(argv=None) -> int:
     p.add_argument("--hbm-tbs", type=float, default=HBM_BYTES_PER_S / 1e12, help="HBM bandwidth, TB/s")
     p.add_argument("--json", default=None, help="also write the models to this JSON file")
     args = p.parse_args(argv)
-    import run  # bench/run.py: the presets and model shapes (lazily: it loads the whole harness)
+    import presets  # bench/presets.py: the presets and model shapes
 
-    preset = run.PRESETS[args.preset]
+    preset = presets.PRESETS[args.preset]
     out = []
     for model in args.models or preset["models"]:
-        d, v = run.shape_of(model)
+        d, v = presets.shape_of(model)
         for dtype in args.dtypes or preset["dtypes"]:
             for n in args.n or preset["n"]:
                 for op in args.ops:

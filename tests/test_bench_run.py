@@ -238,3 +238,47 @@ def test_gold_rd_rlif_matches_autograd():
     torch.testing.assert_close(extras["logp"], ref_extras["logp"].detach())
     torch.testing.assert_close(gh, x["hidden"].grad)
     torch.testing.assert_close(gw, x["weight"].grad)
+
+
+def _bench_imports() -> dict:
+    """bench module -> the bench modules it imports (anywhere in the file, lazily or not)."""
+    import ast
+
+    names = {p.stem for p in (ROOT / "bench").glob("*.py")}
+    graph = {}
+    for name in names:
+        tree = ast.parse((ROOT / "bench" / f"{name}.py").read_text())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                deps.add(node.module.split(".")[0])
+        graph[name] = sorted(deps & names - {name})
+    return graph
+
+
+def test_bench_has_no_import_cycle():
+    """bench/'s modules import each other as a DAG (a lazy import inside a function counts too):
+    the presets live in presets.py so that roofline.py need not import run.py."""
+    graph = _bench_imports()
+    assert graph["roofline"] and "run" not in graph["roofline"]
+    state = {}
+
+    def visit(node, path):
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "open", f"import cycle in bench/: {' -> '.join(path + [node])}"
+        state[node] = "open"
+        for dep in graph[node]:
+            visit(dep, path + [node])
+        state[node] = "done"
+
+    for name in graph:
+        visit(name, [])
+    # the check finds a cycle when there is one
+    graph["presets"] = graph["presets"] + ["run"]
+    state.clear()
+    with pytest.raises(AssertionError, match="import cycle"):
+        for name in graph:
+            visit(name, [])
