@@ -7,7 +7,10 @@
 //
 // The workspace tiles these kernels read are the fp32 output of one cuBLAS GEMM: logits of
 // `rows` tokens × a slice of `cols` vocabulary entries starting at global column `col0`,
-// row-major with leading dimension `ld`.
+// row-major with leading dimension `ld`. logit_stats and logit_grad move a tile in 16-byte
+// vectors when the tile is 16-byte aligned, `ld` is a multiple of 4 and the bias slice they read
+// is 16-byte aligned (hykernels/backends/cuda.py lays the workspace out so); any other layout
+// runs their scalar kernels. Either way one thread block per row, cols < 2^31.
 #pragma once
 
 #include <cstdint>
@@ -26,7 +29,9 @@ struct LogitTransform {
 // s = Σe^{z−m}, t = Σ(z−m)e^{z−m}, u = Σ(z−m), the target logit zy (0 when the row's target is
 // not in this slice; targets are global ids, −1 = none) and the argmax as a global index (the
 // first maximum on ties). Outputs are [rows] arrays. write_back stores the transformed logits z
-// into the tile, for logit_grad(transformed = true) to reuse without a second GEMM.
+// into the tile (4 more bytes per logit), for logit_grad(transformed = true) to reuse without a
+// second GEMM; without it the tile is left exactly as it was. The caller asks for it only when z
+// differs from the GEMM output (a bias, a softcap or inv_temp ≠ 1) and a gradient pass follows.
 int logit_stats(float* tile, int64_t rows, int64_t cols, int64_t ld, int64_t col0, LogitTransform tf,
                 bool write_back, const int64_t* targets, float* m, float* s, float* t, float* u, float* zy,
                 int64_t* argmax, void* stream);
@@ -38,7 +43,9 @@ enum GradOut : int { kGradFloat32 = 0, kGradBFloat16 = 1, kGradFloat16 = 2 };
 // slope taken from the final logit as s′ = 1 − (τ·z/c)²:
 //   dL/dz_v = p_v·(A + B·log p_v) + C·[v = y] + D,  log p_v = (z_v − lse) − lse_lo,
 // with per-row A, B, C, D, lse, lse_lo ([rows] fp32). `transformed`: the tile already holds z
-// (logit_stats with write_back), else the raw GEMM output. G overwrites the tile: fp32 in place,
+// (logit_stats with write_back, or the GEMM output itself under the identity transform) and is
+// read as it is; else it holds the GEMM output and the transform is applied to it. G overwrites
+// the tile: fp32 in place,
 // or bf16/fp16 packed at the start of each row (element j at byte 2j of the row, leading
 // dimension 2·ld in those elements), ready as a GEMM operand.
 int logit_grad(float* tile, int64_t rows, int64_t cols, int64_t ld, int64_t col0, LogitTransform tf,
