@@ -4,10 +4,20 @@ A second copy of hykernels/backends/cuda.py is loaded as backend "cuda_emulated"
 device-bound pieces swapped: the extension (each kernel re-implemented here from the contract in
 csrc/kernels/hykernels.h, including the bf16/fp16 gradient packed in place at the start of each
 fp32 row), the two-stream lanes and the mixed-precision GEMMs. Everything else runs as written:
-chunk and vocabulary-slice planning, the merge of slice partials, the single-pass fused_loss,
-the gradient views and accumulators. So CPU CI checks that orchestration against the oracle,
-and a GPU run checks the kernels themselves (backend "cuda", same suite).
+chunk and vocabulary-slice planning (the padded, 16-byte-aligned tile rows included), the merge
+of slice partials, the single-pass fused_loss, the gradient views and accumulators. So CPU CI
+checks that orchestration against the oracle, and a GPU run checks the kernels themselves
+(backend "cuda", same suite).
+
+The emulated kernels keep the tile contract of csrc/kernels/hykernels.h to the letter, so a wrong
+flag from the Python side shows up as wrong numbers: logit_stats leaves the tile untouched unless
+``write_back`` (then it holds z = s(x + b)/τ), and logit_grad reads the tile as z when
+``transformed`` and applies the transform to it otherwise (applied twice, or not at all, when the
+flag does not match what the tile holds). Every launch is logged in ``FakeExtension.calls`` with
+its flags and whether the real launcher would take the vector path (16-byte-aligned rows and
+bias), for tests of the host's decisions (tests/test_cuda.py).
 """
+import collections
 import importlib.util
 import math
 import sys
@@ -33,13 +43,31 @@ def _target_columns(targets, col0, cols):
     return hit, local.clamp(0, cols - 1)
 
 
+def _vectorizable(tile, bias):
+    """csrc/kernels/logit_epilogues.cu vectorizable(): the launcher's choice of the float4 kernels."""
+    return tile.data_ptr() % 16 == 0 and tile.stride(0) % 4 == 0 and (bias is None or bias.data_ptr() % 16 == 0)
+
+
+def _identity(bias, inv_temp, softcap):
+    return bias is None and softcap == 0 and inv_temp == 1.0
+
+
 class FakeExtension:
     """csrc/kernels as torch ops, argument for argument."""
 
+    calls = collections.deque(maxlen=10_000)  # one dict per launch: kernel, flags, layout
+
+    @staticmethod
+    def _log(kernel, tile, bias, inv_temp, softcap, bias_read, **flags):
+        FakeExtension.calls.append(dict(kernel=kernel, cols=tile.shape[1], ld=tile.stride(0),
+                                        vector=_vectorizable(tile, bias if bias_read else None),
+                                        identity=_identity(bias, inv_temp, softcap), **flags))
+
     @staticmethod
     def logit_stats(tile, col0, bias, inv_temp, softcap, write_back, targets, m, s, t, u, zy, argmax, stream):
+        FakeExtension._log("logit_stats", tile, bias, inv_temp, softcap, True, write_back=write_back)
         z = _transform(tile, bias, inv_temp, softcap)
-        if write_back:
+        if write_back:  # otherwise the tile keeps the GEMM output, bit for bit
             tile.copy_(z)
         mx, am = z.max(1)
         zs = z - torch.where(mx == float("-inf"), 0.0, mx)[:, None]  # an all −inf row: zs = −inf, not NaN
@@ -53,6 +81,9 @@ class FakeExtension:
     @staticmethod
     def logit_grad(tile, col0, bias, inv_temp, softcap, transformed, targets, lse, lse_lo, A, B, C, D, out_kind,
                    stream):
+        FakeExtension._log("logit_grad", tile, bias, inv_temp, softcap, not transformed, transformed=transformed,
+                           out_kind=out_kind)
+        # transformed: the tile is z as it stands (bias, softcap and τ are not applied again)
         z = tile.clone() if transformed else _transform(tile, bias, inv_temp, softcap)
         logp = (z - lse[:, None]) - lse_lo[:, None]
         p = torch.exp(logp)
@@ -131,5 +162,6 @@ def load():
 
 
 def sliced_workspace(rows: int, vocab: int, slices: int) -> int:
-    """WORKSPACE_BYTES that makes ``rows``-row chunks walk about ``slices`` vocabulary slices."""
-    return 2 * 4 * rows * math.ceil(vocab / slices)
+    """WORKSPACE_BYTES that makes ``rows``-row chunks walk about ``slices`` vocabulary slices
+    (slices are a multiple of 4 columns wide: cuda.plan)."""
+    return 2 * 4 * rows * 4 * math.ceil(vocab / slices / 4)

@@ -3,6 +3,7 @@ headers), its planning is bounded, and on a GPU its kernels pass memcheck and ma
 reference at a realistic shape. The shared correctness suite runs it as backend "cuda" on a GPU
 and, kernels emulated, as "cuda_emulated" on CPU (tests/cuda_emulator.py)."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,8 @@ def test_plan_stays_within_the_workspace(monkeypatch, n, vocab, chunk):
     monkeypatch.setattr(cuda, "WORKSPACE_BYTES", 2 * 2**30)
     rows, cols = cuda.plan(n, vocab, LogitOptions(chunk_size=chunk))
     assert 1 <= rows <= n and 1 <= cols <= vocab
-    assert rows * cols * 4 <= cuda.WORKSPACE_BYTES // cuda.LANES
+    assert rows * cuda._ld(cols) * 4 <= cuda.WORKSPACE_BYTES // cuda.LANES  # padded rows included
+    assert cuda._ld(cols) % cuda.VEC == 0 and (cols == vocab or cols % cuda.VEC == 0)  # aligned slices
     if chunk is None and rows < n:
         assert rows % cuda.ROW_ALIGN == 0
     if vocab * 4 * min(n, cuda.ROW_ALIGN) <= cuda.WORKSPACE_BYTES // cuda.LANES:
@@ -82,7 +84,7 @@ def test_plan_stays_within_the_workspace(monkeypatch, n, vocab, chunk):
 
 def test_small_workspace_forces_several_slices(monkeypatch):
     monkeypatch.setattr(cuda, "WORKSPACE_BYTES", 2 * 4 * 16 * 50)
-    assert cuda.plan(37, 103, LogitOptions(chunk_size=16)) == (16, 50)
+    assert cuda.plan(37, 103, LogitOptions(chunk_size=16)) == (16, 48)  # 50 fit; slices are multiples of 4
 
 
 def test_bench_shape_memory_model():
@@ -142,6 +144,141 @@ def test_wheel_ships_the_sources(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for src in ["hykernels_cuda.cpp", "kernels/hykernels.h", *(f"kernels/{k.name}" for k in KERNELS)]:
         assert f"hykernels/_csrc/{src}" in names
+
+
+
+# ------------------------------------------ tile traffic: the host's flags (kernels emulated)
+
+TRANSFORMS = {"identity": {}, "bias": {"bias": True}, "softcap": {"softcap": 5.0}, "temperature": {"temperature": 0.7},
+              "all": {"bias": True, "softcap": 5.0, "temperature": 0.7}}
+
+
+def _flag_case(rng, dtype, transform):
+    n, d, v = 21, 16, 103  # an odd vocabulary: padded rows (ld 104) and a 3-column scalar tail
+    h = (torch.randn(n, d, generator=rng) * 2).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=rng) / d**0.5).to(dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=rng)
+    y[::5] = -100
+    opts = dict(TRANSFORMS[transform])
+    if opts.pop("bias", False):  # a view one element in: not 16-byte aligned, the backend realigns it
+        opts["bias"] = torch.randn(v + 1, generator=rng).to(dtype)[1:].requires_grad_()
+    return h, w, y, opts
+
+
+def _run_op(op, backend, h, w, y, opts):
+    """(outputs, gradients) of fused_loss or token_stats + its backward."""
+    leaves = [h, w, *([opts["bias"]] if "bias" in opts else [])]
+    for x in leaves:
+        x.grad = None
+    if op == "fused_loss":
+        loss, st = hk.fused_loss(h, w, y, rd_weight=0.05, entropy_weight=0.01, backend=backend, chunk_size=8, **opts)
+        outs = [loss, st.logp, st.entropy]
+    else:
+        st = hk.token_stats(h, w, y, backend=backend, chunk_size=8, **opts)
+        loss = st.logp.sum() + 0.1 * st.entropy.sum() + 0.01 * st.self_certainty.sum()
+        outs = [st.logp, st.entropy, st.self_certainty]
+    loss.backward()
+    return [o.detach().float() for o in outs], [x.grad.float() for x in leaves]
+
+
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole_rows", "sliced"])
+@pytest.mark.parametrize("op", ["fused_loss", "token_stats"])
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tile_is_written_back_only_when_the_transform_changes_it(monkeypatch, rng, dtype, transform, op, sliced):
+    """The flags cuda.py passes to the epilogues, checked against the emulated kernels, which
+    follow the tile contract to the letter (tests/cuda_emulator.py):
+    - fused_loss's single pass stores z back (write_back) only for a bias / softcap / τ ≠ 1, and
+      its gradient pass then reads the tile as z (transformed): the GEMM output already is z
+      under the identity transform;
+    - token_stats never stores z; its backward (and the sliced fused_loss) recomputes the tile and
+      has logit_grad apply the transform, unless it is the identity;
+    - every launch gets a layout the vector kernels take (16-byte-aligned rows and bias);
+    and the numbers match the reference, so a transform applied twice or not at all fails here."""
+    import cuda_emulator
+
+    module = cuda_emulator.load()
+    if sliced:  # rows do not fit the workspace: fused_loss takes its recompute path
+        monkeypatch.setattr(module, "WORKSPACE_BYTES", cuda_emulator.sliced_workspace(8, 103, slices=3))
+    h, w, y, opts = _flag_case(rng, dtype, transform)
+    calls = cuda_emulator.FakeExtension.calls
+    calls.clear()
+    outs, grads = _run_op(op, "cuda_emulated", h, w, y, opts)
+    launches = list(calls)
+    ref_outs, ref_grads = _run_op(op, "reference", h, w, y, opts)
+
+    identity = transform == "identity"
+    stats = [c for c in launches if c["kernel"] == "logit_stats"]
+    grad = [c for c in launches if c["kernel"] == "logit_grad"]
+    assert stats and grad and all(c["identity"] == identity for c in launches)
+    single_pass = op == "fused_loss" and not sliced
+    assert {c["write_back"] for c in stats} == {single_pass and not identity}, stats
+    assert {c["transformed"] for c in grad} == {single_pass or identity}, grad
+    assert all(c["vector"] and c["ld"] % 4 == 0 for c in launches), launches
+    assert {c["cols"] for c in launches} == ({103} if not sliced else {36, 31})
+
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, a, b in zip(("out0", "out1", "out2", "dh", "dw", "db"), ref_outs + ref_grads, outs + grads):
+        a, b = a.nan_to_num(posinf=0.0), b.nan_to_num(posinf=0.0)  # ignored rows
+        err = ((a - b).abs().max() / a.abs().max().clamp(min=1e-6)).item()
+        assert err < tol, (name, err)
+
+
+def test_fused_loss_without_gradients_writes_nothing_back(rng):
+    """No gradient pass follows: z is never read again, so even a transform is not stored."""
+    import cuda_emulator
+
+    cuda_emulator.load()
+    h, w, y, opts = _flag_case(rng, torch.float32, "all")
+    calls = cuda_emulator.FakeExtension.calls
+    calls.clear()
+    with torch.no_grad():
+        hk.fused_loss(h, w, y, rd_weight=0.05, backend="cuda_emulated", chunk_size=8, **opts)
+    assert [(c["kernel"], c["write_back"]) for c in calls] == [("logit_stats", False)] * 3
+
+
+def test_emulated_epilogues_keep_the_tile_contract(rng):
+    """The emulator itself (what the tests above lean on): logit_stats leaves the tile bit for bit
+    unless write_back, then it holds z; logit_grad on the raw tile (transformed = False) equals
+    logit_grad on z (transformed = True), and on the raw tile read as z it differs."""
+    import cuda_emulator
+
+    ext = cuda_emulator.FakeExtension
+    rows, cols = 5, 13
+    raw = torch.randn(rows, cols, generator=rng) * 3
+    bias, inv_temp, softcap = torch.randn(cols, generator=rng), 1 / 0.7, 4.0
+    y = torch.randint(0, cols, (rows,), generator=rng)
+    f32 = [torch.empty(rows) for _ in range(5)]
+
+    def stats(tile, write_back):
+        ext.logit_stats(tile, 0, bias, inv_temp, softcap, write_back, y, *f32, torch.empty(rows, dtype=torch.int64), 0)
+
+    tile = raw.clone()
+    stats(tile, False)
+    assert torch.equal(tile, raw)
+    stats(tile, True)
+    z = cuda_emulator._transform(raw, bias, inv_temp, softcap)
+    assert torch.equal(tile, z)
+
+    coefs = [torch.randn(rows, generator=rng) for _ in range(6)]
+
+    def grad(tile, transformed):
+        ext.logit_grad(tile, 0, bias, inv_temp, softcap, transformed, y, *coefs, 0, 0)
+        return tile
+
+    assert torch.equal(grad(raw.clone(), False), grad(z.clone(), True))
+    assert not torch.allclose(grad(raw.clone(), True), grad(z.clone(), True))
+
+
+def test_tile_bytes_per_logit():
+    """The HBM bytes per logit stated in cuda.py's docstring and csrc/README.md."""
+    tb = cuda.tile_bytes_per_logit
+    assert tb(True, 2, write_back=True) == 18  # fused_loss bf16 before (always written back); now with a transform
+    assert tb(True, 2) == 14 and tb(True, 4) == 16  # fused_loss, identity transform: bf16, fp32
+    assert tb(True, 4, write_back=True) == 20
+    assert tb(True) == 8  # token_stats; fused_loss with no gradient needed
+    assert tb(False, 2) == 10 and tb(False, 4) == 12  # token_stats backward (recomputed tile)
+    assert tb(True) + tb(False, 2) == 18  # fused_loss when a row does not fit: two tiles
 
 
 # ----------------------------------------------------------------------------------- GPU only
@@ -225,3 +362,164 @@ def test_compute_sanitizer_memcheck_is_clean():
     r = _run([sanitizer, "--tool", "memcheck", "--error-exitcode", "1", sys.executable, "-c", MEMCHECK])
     assert r.returncode == 0 and "memcheck-case-done" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ERROR SUMMARY: 0 errors" in r.stdout + r.stderr
+
+
+# --------------------------------------------------------------- the epilogues' compiled code
+
+MIN_LOADS_IN_FLIGHT = 4  # 128-bit tile loads a thread issues before the first one's value is used
+EPILOGUES = CSRC / "kernels" / "logit_epilogues.cu"
+
+
+def _cuobjdump(nvcc: str) -> str:
+    """cuobjdump beside nvcc, on PATH, or the copy triton ships (triton/backends/nvidia/bin)."""
+    candidates = [Path(nvcc).parent / "cuobjdump", shutil.which("cuobjdump")]
+    try:
+        import triton.backends.nvidia as tn
+
+        candidates.append(Path(tn.__file__).parent / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return str(c)
+    if os.environ.get("HYKERNELS_REQUIRE_NVCC") == "1":
+        pytest.fail("cuobjdump not found (CUDA toolkit or triton's bundled copy), and HYKERNELS_REQUIRE_NVCC=1")
+    pytest.skip("cuobjdump not found")
+
+
+def _sass_functions(sass: str) -> dict:
+    """{mangled name: [(address, instruction)]} from ``cuobjdump -sass``."""
+    out, name = {}, None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            name = m.group(1)
+            out[name] = []
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m and name is not None:
+            out[name].append((int(m.group(1), 16), m.group(2)))
+    return out
+
+
+def _loops(instrs) -> list:
+    """[(first, last) address] of every loop: a branch back to an address at or before it."""
+    loops = []
+    for addr, text in instrs:
+        m = re.search(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) <= addr:
+            loops.append((int(m.group(1), 16), addr))
+    return loops
+
+
+_TILE_LOAD = re.compile(r"\bLDG\.E\.128(?!\.CONSTANT)\b")  # .CONSTANT: the read-only bias loads
+
+
+def _loads_before_first_use(body) -> int:
+    """128-bit tile loads issued before the first instruction that reads the first one's registers."""
+    loads = [i for i, (_, t) in enumerate(body) if _TILE_LOAD.search(t)]
+    if not loads:
+        return 0
+    first = int(re.search(r"LDG\S*\s+R(\d+)", body[loads[0]][1]).group(1))
+    regs = {f"R{first + i}" for i in range(4)}
+    for i, (_, text) in enumerate(body[loads[0] + 1:], start=loads[0] + 1):
+        op = re.sub(r"^@!?P\w+\s+", "", text)
+        mnemonic, _, operands = op.partition(" ")
+        sources = operands if mnemonic.startswith("ST") else operands.partition(",")[2]
+        if regs & set(re.findall(r"\bR\d+\b", sources)):
+            return sum(1 for j in loads if j < i)
+    return len(loads)
+
+
+def _check_epilogue_sass(src: Path, arch: str, tmp_path: Path) -> list[str]:
+    """What is wrong with the compiled logit_stats / logit_grad kernels that cuda.py's aligned
+    tiles launch (every instantiation but the kVector = false scalar fallbacks): each must have a
+    main loop with ≥ MIN_LOADS_IN_FLIGHT 128-bit global loads of the tile issued before the first
+    one is used, and 16-byte (fp32) or 8-byte (4 × bf16/fp16) stores in it; no epilogue kernel may
+    touch local memory (ptxas -v: no stack frame, no spills; no LDL/STL in the SASS)."""
+    nvcc = _nvcc()
+    cubin = tmp_path / f"{src.stem}_{arch}.cubin"
+    r = _run([nvcc, "-cubin", "-std=c++17", "-O3", "-gencode", ARCHS[arch], "-Xptxas", "-v", str(src), "-o",
+              str(cubin)])
+    assert r.returncode == 0, r.stderr[-4000:]
+    problems = []
+    props = re.findall(r"Function properties for (\S+)\s+(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                       r"(\d+) bytes spill loads", r.stdout + r.stderr)
+    for name, stack, spill_st, spill_ld in props:
+        if "logit_" in name and (stack, spill_st, spill_ld) != ("0", "0", "0"):
+            problems.append(f"{name}: {stack} B stack frame, {spill_st} B spill stores, {spill_ld} B spill loads")
+    dump = _run([_cuobjdump(nvcc), "-sass", str(cubin)])
+    assert dump.returncode == 0, dump.stderr[-4000:]
+    functions = _sass_functions(dump.stdout)
+    epilogues = {n: ins for n, ins in functions.items() if re.search(r"logit_(stats|grad)_kernel", n)}
+    vector = {n: ins for n, ins in epilogues.items() if "Lb0E" not in n}  # Lb0E: template kVector = false
+    kinds = sorted(re.search(r"logit_(stats|grad)_kernel", n).group(1) for n in vector)
+    if kinds != ["grad"] * 3 + ["stats"]:
+        problems.append(f"expected 1 logit_stats and 3 logit_grad (fp32, bf16, fp16) kernels, got {kinds}")
+    for name, ins in epilogues.items():
+        local = [t for _, t in ins if re.match(r"(@!?P\w+\s+)?(LDL|STL)\b", t)]
+        if local:
+            problems.append(f"{name}: local memory {local[:3]}")
+    for name, ins in vector.items():
+        bodies = [[(a, t) for a, t in ins if lo <= a <= hi] for lo, hi in _loops(ins)]
+        main = max(bodies, key=lambda b: sum(bool(_TILE_LOAD.search(t)) for _, t in b), default=[])
+        in_flight = _loads_before_first_use(main)
+        if in_flight < MIN_LOADS_IN_FLIGHT:
+            problems.append(f"{name}: {in_flight} 128-bit tile loads in flight in its main loop "
+                            f"(< {MIN_LOADS_IN_FLIGHT}); loads in it: "
+                            f"{sorted({t.split()[0] for _, t in main if 'LDG' in t})}")
+        narrow = re.search(r"logit_grad_kernelI(13__nv_bfloat16|6__half)", name)
+        store = "STG.E.64" if narrow else "STG.E.128"
+        if not any(re.search(rf"\b{re.escape(store)}\b", t) for _, t in main):
+            problems.append(f"{name}: no {store} in its main loop")
+    return problems
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_epilogues_compile_to_vector_loads_without_local_memory(arch, tmp_path):
+    problems = _check_epilogue_sass(EPILOGUES, arch, tmp_path)
+    assert not problems, "\n".join(problems)
+
+
+SCALAR_EPILOGUES = """
+// The shape of the scalar epilogues before vectorisation: one 4-byte load per element and step.
+#include <cuda_bf16.h>
+__global__ void logit_stats_kernel(float* z, int n, float* out) {
+  float s = 0.f;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) { const float x = z[j]; z[j] = 2.f * x; s += expf(x); }
+  out[threadIdx.x] = s;
+}
+template <typename Out>
+__global__ void logit_grad_kernel(float* z, int n) {
+  for (int j = threadIdx.x; j < n; j += blockDim.x) reinterpret_cast<Out*>(z)[j] = Out(expf(z[j]));
+}
+template __global__ void logit_grad_kernel<float>(float*, int);
+template __global__ void logit_grad_kernel<__nv_bfloat16>(float*, int);
+template __global__ void logit_grad_kernel<__half>(float*, int);
+"""
+
+
+def test_sass_check_rejects_scalar_epilogues(tmp_path):
+    """The check above fails on epilogues shaped like the scalar ones it replaced."""
+    src = tmp_path / "scalar_epilogues.cu"
+    src.write_text(SCALAR_EPILOGUES)
+    problems = _check_epilogue_sass(src, "sm_90a", tmp_path)
+    assert sum("128-bit tile loads in flight" in p for p in problems) == 4, problems
+
+
+@pytest.mark.gpu
+def test_gemm_writes_the_padded_tile_in_place():
+    """cuda._tile's rows are padded to a multiple of 4 columns; ATen must hand that view to cuBLAS
+    as it is (ldc = ld), not GEMM into a contiguous temporary and copy it over."""
+    h = torch.randn(70, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(50257, 64, device="cuda", dtype=torch.bfloat16)
+    work = torch.empty(70 * cuda._ld(50257), device="cuda")
+    tile = cuda._tile(work, 70, 50257)
+    assert tile.stride(0) == 50260 and tile.data_ptr() % 16 == 0
+    cuda._gemm_logits(tile, h, w)  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        cuda._gemm_logits(tile, h, w)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert kernels and not any("copy" in k.lower() or "elementwise" in k.lower() for k in kernels), kernels
+    torch.testing.assert_close(tile, h.float() @ w.float().T, rtol=2e-2, atol=2e-2)

@@ -5,15 +5,45 @@ a workspace tile; csrc/kernels/logit_epilogues.cu then reads the tile once for t
 statistics and once for the §2 gradient, which overwrites the tile in place (bf16/fp16 for
 half-precision inputs) and feeds the next two GEMMs: dH = G·W and dW += Gᵀ·H.
 
-- fused_loss, when a whole row's vocabulary fits the workspace: GEMM → statistics (the tile
-  keeps the transformed logits) → §5 coefficients (hykernels/_grad.py on [chunk] rows) →
-  gradient in place → two GEMMs. 6·N·D·V FLOPs, gradients formed in the forward pass.
+- fused_loss, when a whole row's vocabulary fits the workspace: GEMM → statistics → §5
+  coefficients (hykernels/_grad.py on [chunk] rows) → gradient in place → two GEMMs.
+  6·N·D·V FLOPs, gradients formed in the forward pass.
 - Otherwise (huge vocabularies or a small workspace) each chunk walks vocabulary slices:
   statistics merge across slices (hykernels/_partials.py) and the gradient pass recomputes each
   slice's logits, 8·N·D·V FLOPs, as token_stats + its backward always do.
 - Chunks alternate between two CUDA streams (created once per device: each holds its own cuBLAS
   workspace) with half of one workspace each, so one chunk's epilogues overlap the next chunk's
   GEMM; updates of the shared dW/db are chained with events so they stay ordered.
+
+Tile traffic. The epilogues move the tile in 16-byte vectors, so every row of a tile starts
+16-byte aligned: the workspace's leading dimension is the slice width rounded up to a multiple of
+4 (``_ld``; cuBLAS writes into that padded view in place, ldc = ld), and vocabulary slices start
+at multiples of 4 columns, so the fp32 bias slice is aligned too. The transformed logits
+z = s(x + b)/τ are stored back into the tile only when they differ from the GEMM output (a bias,
+a softcap or τ ≠ 1) and a gradient pass will read them (fused_loss's single pass); with the
+identity transform the GEMM output already is z and both epilogues read it as it is. Decided once
+per call in ``_Inputs`` (``transforms``), passed as logit_stats' ``write_back`` and logit_grad's
+``transformed`` ("the tile holds z").
+
+HBM bytes per logit for the GEMM's fp32 output and the epilogues (``tile_bytes_per_logit``;
+g = 2 for bf16/fp16 gradients, 4 for fp32; the operands H, W and the gradient GEMMs' reads of G
+are not counted; the bias slice, read from L2 by every row, adds about 4/rows):
+
+    case                                          before (scalar)   now
+    fused_loss, identity transform, bf16          18                14   (4 + 4 + 4 + 2)
+    fused_loss, identity transform, fp32          20                16
+    fused_loss, bias/softcap/τ ≠ 1, bf16          18                18   (4 + 4 + 4 + 4 + 2)
+    fused_loss, bias/softcap/τ ≠ 1, fp32          20                20
+    fused_loss, no gradient needed                12                8    (4 + 4)
+    token_stats (statistics only)                 8                 8    (4 + 4)
+    token_stats backward (recomputed tile), bf16  10                10   (4 + 4 + 2)
+    fused_loss when a row does not fit, bf16      18                18   (two tiles: 8 + 10)
+
+The vectorised epilogues do not change these counts (only how the bytes move: 16-byte loads,
+several in flight per thread); the cut is the write-back skipped for the identity transform and
+whenever no gradient pass follows. The kernels are compile-checked (tests/test_cuda.py: nvcc for
+sm_80/sm_90a, 128-bit loads in their SASS, no local memory) and emulator-checked
+(tests/cuda_emulator.py) only; nothing here has been run or timed on a GPU.
 
 Memory beyond the returned gradients: the workspace (WORKSPACE_BYTES in all, default 768 MiB,
 ``HYKERNELS_CUDA_WORKSPACE_MB``), O(N) statistics, fp32 db, and nothing else for bf16/fp32 inputs:
@@ -49,6 +79,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 statistics: fp64
 WORKSPACE_BYTES = int(os.environ.get("HYKERNELS_CUDA_WORKSPACE_MB", "768")) * 2**20
 LANES = 2  # streams (and workspaces) in flight
 ROW_ALIGN = 64  # token chunks are a multiple of this many rows: GEMM-friendly M
+VEC = 4  # fp32 columns per 16-byte vector: the unit of the tile's leading dimension and slices
 _GRAD_OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc GradOut
 
 _state: dict = {}  # "ext": the loaded module, or "error": why it could not be loaded
@@ -110,15 +141,38 @@ def availability(device: torch.device) -> Optional[str]:
 # --------------------------------------------------------------------------- chunk planning
 
 
+def _ld(cols: int) -> int:
+    """Leading dimension of a workspace tile ``cols`` wide: a multiple of VEC, so each row is 16-byte aligned."""
+    return -(-cols // VEC) * VEC
+
+
 def plan(n: int, vocab: int, opts: LogitOptions) -> tuple[int, int]:
-    """(rows per chunk, vocabulary columns per slice) for one workspace of WORKSPACE_BYTES/LANES."""
+    """(rows per chunk, vocabulary columns per slice) for one workspace of WORKSPACE_BYTES/LANES.
+
+    rows·_ld(cols) fp32 fit the lane's workspace (at least VEC columns per row, however small it
+    is); a slice narrower than the vocabulary is a multiple of VEC columns, so every slice starts
+    16-byte aligned in the bias."""
     per_lane = WORKSPACE_BYTES // LANES // 4  # fp32 elements
     if opts.chunk_size is not None:
         rows = min(n, opts.chunk_size)
     else:
-        rows = min(n, max(ROW_ALIGN, per_lane // vocab // ROW_ALIGN * ROW_ALIGN))
-    cols = min(vocab, max(1, per_lane // max(rows, 1)))
-    return max(rows, 1), cols
+        rows = min(n, max(ROW_ALIGN, per_lane // _ld(vocab) // ROW_ALIGN * ROW_ALIGN))
+    rows = max(rows, 1)
+    fit = per_lane // rows
+    cols = vocab if fit >= _ld(vocab) else min(vocab, max(VEC, fit // VEC * VEC))
+    return rows, cols
+
+
+def tile_bytes_per_logit(stats: bool, grad_bytes: int = 0, write_back: bool = False) -> int:
+    """HBM bytes per logit of one workspace tile: cuBLAS writes it in fp32 (4), logit_stats reads
+    it (4, when ``stats``) and stores the transformed logits back (4, when ``write_back``),
+    logit_grad reads it (4) and writes the gradient (``grad_bytes``: 2 bf16/fp16, 4 fp32; 0 = no
+    gradient pass). A call costs the sum over the tiles it materialises: fused_loss's single pass
+    one tile (stats, gradient, write_back = a non-identity transform and a gradient follows);
+    token_stats one (stats only); token_stats_backward one (gradient only); fused_loss when a row
+    does not fit the workspace both of the latter. Not counted: H, W, the gradient GEMMs' reads of
+    G, and the bias slice (read from L2 by each row, about 4/rows bytes per logit from HBM)."""
+    return 4 + (4 + 4 * write_back if stats else 0) + (4 + grad_bytes if grad_bytes else 0)
 
 
 _STREAMS: dict = {}  # device index -> the side streams, created once: each new stream would
@@ -172,15 +226,17 @@ def _stream_id() -> int:
 
 
 def _tile(work: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    return work[: rows * cols].view(rows, cols)
+    """[rows, cols] of the workspace with leading dimension _ld(cols): every row 16-byte aligned
+    (the lane's workspace is). ATen hands such a row-major ``out`` to cuBLAS as it is (ldc = ld)."""
+    ld = _ld(cols)
+    return work[: rows * ld].view(rows, ld)[:, :cols]
 
 
 def _narrow_view(tile: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The gradient logit_grad packed at the start of each fp32 row: [rows, cols] of ``dtype``."""
     if dtype == torch.float32:
         return tile
-    rows, cols = tile.shape
-    return tile.view(dtype).view(rows, 2 * cols)[:, :cols]  # leading dimension 2·cols
+    return tile.view(dtype)[:, : tile.shape[1]]  # leading dimension 2·ld
 
 
 def _gemm_logits(tile, h, w):
@@ -204,11 +260,16 @@ class _Inputs:
     def __init__(self, hidden, weight, bias, targets, opts: LogitOptions):
         self.h, self.w = hidden.contiguous(), weight.contiguous()
         self.bias = None if bias is None else bias.float().contiguous()
+        if self.bias is not None and self.bias.data_ptr() % 16:  # a view at an odd offset: the
+            self.bias = self.bias.clone()  # vector epilogues want its slices 16-byte aligned
         self.valid, _ = target_mask(targets, weight.shape[0], opts.ignore_index)
         self.y = torch.where(self.valid, targets, torch.full_like(targets, -1)).contiguous()
         self.inv_temp, self.softcap = 1.0 / opts.temperature, float(opts.softcap or 0.0)
+        # z = s(x + b)/τ differs from the GEMM output x: only then is it worth storing it back
+        self.transforms = self.bias is not None or self.softcap > 0 or self.inv_temp != 1.0
         self.n, self.vocab = hidden.shape[0], weight.shape[0]
         self.rows, self.cols = plan(self.n, self.vocab, opts)
+        self.ld = _ld(self.cols)  # a lane's workspace holds rows × ld fp32
 
     def chunks(self):
         return [slice(r, min(r + self.rows, self.n)) for r in range(0, self.n, self.rows)]
@@ -220,6 +281,7 @@ class _Inputs:
         return None if self.bias is None else self.bias[vs]
 
     def stats(self, tile, sl, vs, write_back, out: Partials, j: int):
+        """Statistics of rows ``sl`` into slice ``j`` of ``out``; ``write_back`` stores z into the tile."""
         _ext().logit_stats(tile, vs.start, self.bias_slice(vs), self.inv_temp, self.softcap, write_back,
                            self.y[sl], out.m[j, sl], out.s[j, sl], out.t[j, sl], out.u[j, sl], out.zy[j, sl],
                            out.argmax[j, sl], _stream_id())
@@ -227,7 +289,8 @@ class _Inputs:
     def grad(self, tile, sl, vs, transformed, lse, lse_lo, coefs: RowCoefs) -> tuple[torch.Tensor, float]:
         """(S·G, S): the gradient tile of rows ``sl`` (``lse``, ``lse_lo``, ``coefs``: those rows
         only) scaled by S, 1 except for fp16 (_grad.fp16_grad_scale). G is linear in the coefficients,
-        so scaling them scales the tile."""
+        so scaling them scales the tile. ``transformed``: the tile holds z (written back, or the
+        GEMM output under the identity transform), else logit_grad applies the transform."""
         scale = fp16_grad_scale(grad_bound(coefs, self.inv_temp)) if self.h.dtype == torch.float16 else 1.0
         A, B, C, D = (c.float().mul(scale).contiguous() for c in coefs)
         _ext().logit_grad(tile, vs.start, self.bias_slice(vs), self.inv_temp, self.softcap, transformed, self.y[sl],
@@ -265,14 +328,14 @@ def token_partials(hidden, weight, bias, targets, opts: LogitOptions) -> Partial
     x = _Inputs(hidden, weight, bias, targets, opts)
     slices = x.slices()
     out = _empty_partials(len(slices), x.n, [vs.stop - vs.start for vs in slices], hidden.device)
-    lanes = _Lanes(hidden.device, x.rows * x.cols, len(x.chunks()))
+    lanes = _Lanes(hidden.device, x.rows * x.ld, len(x.chunks()))
     for sl in x.chunks():
         stream, work = lanes.next()
         with torch.cuda.stream(stream):
             for j, vs in enumerate(slices):
                 tile = _tile(work, sl.stop - sl.start, vs.stop - vs.start)
                 _gemm_logits(tile, x.h[sl], x.w[vs])
-                x.stats(tile, sl, vs, False, out, j)
+                x.stats(tile, sl, vs, False, out, j)  # statistics only: z is never needed again
     lanes.close()
     return out
 
@@ -336,14 +399,15 @@ class _Grads:
 def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs: RowCoefs, needs):
     x = _Inputs(hidden, weight, bias, targets, opts)
     grads = _Grads(x, weight, bias, needs)
-    lanes = _Lanes(hidden.device, x.rows * x.cols, len(x.chunks()))
+    lanes = _Lanes(hidden.device, x.rows * x.ld, len(x.chunks()))
     for sl in x.chunks():
         stream, work = lanes.next()
         with torch.cuda.stream(stream):
             for vs in x.slices():
                 tile = _tile(work, sl.stop - sl.start, vs.stop - vs.start)
                 _gemm_logits(tile, x.h[sl], x.w[vs])
-                g, scale = x.grad(tile, sl, vs, False, lse[sl], lse_lo[sl], coefs.rows(sl))
+                # a recomputed tile holds the GEMM output: z itself under the identity transform
+                g, scale = x.grad(tile, sl, vs, not x.transforms, lse[sl], lse_lo[sl], coefs.rows(sl))
                 grads.add(lanes, stream, g, scale, sl, vs)
     lanes.close()
     return grads.result()
@@ -365,13 +429,16 @@ def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
                      torch.empty(x.n, **f32))
     chunks = x.chunks()
     losses = torch.empty(len(chunks), **f32)
-    lanes = _Lanes(hidden.device, x.rows * x.cols, len(x.chunks()))
+    # z goes back into the tile only if it differs from the GEMM output and the gradient reads it;
+    # either way the tile then holds z for logit_grad (transformed = True)
+    write_back = x.transforms and any(needs)
+    lanes = _Lanes(hidden.device, x.rows * x.ld, len(x.chunks()))
     for i, sl in enumerate(chunks):
         stream, work = lanes.next()
         with torch.cuda.stream(stream):
             tile = _tile(work, sl.stop - sl.start, x.vocab)
             _gemm_logits(tile, x.h[sl], x.w)
-            x.stats(tile, sl, vs, True, part, 0)
+            x.stats(tile, sl, vs, write_back, part, 0)
             rows = Partials(*(f[:, sl] for f in part[:6]), part.count)
             stats, lse_lo = finish(rows, x.valid[sl], torch.float32)
             tok_loss, coefs = loss_coefficients(stats, x.valid[sl], terms.rows(sl))
@@ -379,7 +446,7 @@ def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
             for dst, src in zip(out, stats):
                 dst[sl].copy_(src)
             if any(needs):
-                g, scale = x.grad(tile, sl, vs, True, stats.lse, lse_lo, coefs)
+                g, scale = x.grad(tile, sl, vs, True, stats.lse, lse_lo, coefs)  # the tile holds z
                 grads.add(lanes, stream, g, scale, sl, vs)
     lanes.close()
     return losses.sum(), out, *grads.result()
