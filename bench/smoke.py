@@ -248,8 +248,9 @@ def liger_ce_pick(device) -> str | None:
     (its best available one: nvidia-cutedsl on Hopper with nvidia-cutlass-dsl installed, else
     nvidia-triton), or None when that cannot be read."""
     try:
-        from liger_kernel.backends import dispatch
+        import importlib
 
+        dispatch = importlib.import_module("liger_kernel.backends.dispatch")  # the package exports a function so named
         impls = dispatch.available_impls(LIGER_CE_OP, device)
         return impls[0] if impls else None
     except Exception:  # noqa: BLE001 - another liger-kernel version: not reported
