@@ -210,6 +210,7 @@ step() {  # step NAME LIMIT CMD...: CMD under `timeout LIMIT` (kill after GRACE)
   local status=ok
   ((rc == 124 || rc == 137)) && status=timeout
   ((rc != 0 && rc != 124 && rc != 137)) && status=failed
+  ((rc == 75)) && [ "$base" = smoke ] && status=item_timeout  # smoke.py's watchdog: resumed in a fresh process
   echo "=== $name: exit $rc ($status) after $(($(now) - t0))s $(date -u +%H:%M:%S)"
   record "$name" "$status" "$rc" "$secs" "$t0" "$(($(now) - t0))" ""
   return "$rc"
@@ -373,8 +374,9 @@ gpu_tests() {
   pytest_step pytest-gpu "${sel[@]}"
 }
 
-smoke() {  # bench/smoke.py until it completes or the time is spent: when an item overruns its own cap
-  # (smoke.py's watchdog, exit 75) or the process dies, a fresh one resumes with the items not yet done
+smoke() {  # bench/smoke.py until it completes or its limit is spent: when an item overruns its own cap
+  # (smoke.py's watchdog, exit 75) or the process dies otherwise, a fresh one resumes with the items not yet
+  # done (at most 5 processes)
   local attempt=1 rc=0 secs resume=() name=smoke
   while :; do
     secs=$(limit_for smoke)
@@ -383,7 +385,7 @@ smoke() {  # bench/smoke.py until it completes or the time is spent: when an ite
     step "$name" "$secs" "$PY" bench/smoke.py --out "$out/smoke.json" --deadline "$(($(date +%s) + secs))" \
       "${resume[@]}" ${SMOKE_ARGS:-}
     rc=$?
-    ((rc == 0 || rc == 125 || attempt >= 5)) && break
+    ((rc == 0 || rc == 124 || rc == 125 || attempt >= 5)) && break  # 124: its limit, all the time it had
     attempt=$((attempt + 1))
     name="smoke#$attempt"
     resume=(--resume --previous-exit "$rc")

@@ -269,21 +269,28 @@ def test_smoke_watchdog_ends_a_hanging_item_and_resume_goes_on(tmp_path):
     assert [a["resumed"] for a in report2["attempts"]] == [False, True]
 
 
-def test_smoke_stage_on_cpu(tmp_path):
+def test_smoke_stage_on_cpu_resumes_after_an_item_times_out(tmp_path):
+    """The `smoke` stage; an item that hangs is ended by smoke.py's watchdog at its cap and the stage
+    starts a fresh smoke.py that resumes with the items after it."""
     out = tmp_path / "out"
-    env = _env(tmp_path, SMOKE_ARGS=TINY + " --backends torch_chunked --peers reference")
+    env = _env(tmp_path, SMOKE_ARGS=TINY + " --backends torch_chunked --peers reference --item-max-s 8 "
+               "--test-hang hk_torch_chunked/fused_loss")
     proc = subprocess.run(["bash", str(SCRIPT), "smoke", str(out)], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     for name in ("gpu_check-smoke.log", "device.txt", "steps.json", "build.log", "smoke.log", "smoke.json"):
         assert (out / name).stat().st_size > 0, name
-    assert "=== smoke: exit 0" in (out / "gpu_check-smoke.log").read_text()
+    log = (out / "gpu_check-smoke.log").read_text()
+    assert "=== smoke: exit 75 (item_timeout)" in log and "=== smoke#2: exit 0" in log
     assert (tmp_path / "cache" / "triton").is_dir() and (tmp_path / "cache" / "torch_extensions").is_dir()
+    steps = json.loads((out / "steps.json").read_text())["steps"]
+    assert [(s["step"], s["status"]) for s in steps][-2:] == [("smoke", "item_timeout"), ("smoke#2", "ok")]
     report = json.loads((out / "smoke.json").read_text())
-    assert report["complete"] is True
+    assert report["complete"] is True and len(report["attempts"]) == 2
     assert {(r["impl"], r["op"]): r["status"] for r in report["results"]} == {
-        ("hk_torch_chunked", "fused_loss"): "ok", ("hk_torch_chunked", "token_stats"): "ok", ("reference", "ce"): "ok",
-        ("reference", "token_stats"): "ok"}
+        ("hk_torch_chunked", "fused_loss"): "timeout", ("hk_torch_chunked", "token_stats"): "ok",
+        ("reference", "ce"): "ok", ("reference", "token_stats"): "ok"}
+
 
 def test_triton_kernel_stats_reads_the_jit_cache(monkeypatch):
     """What a GPU run reports: each compiled variant's registers and spills, from the JIT cache
