@@ -126,11 +126,10 @@ def test_checks_off_masks_out_of_range_targets_and_propagates_nan():
 
 def test_chunked_backend_never_holds_more_than_one_chunk(monkeypatch):
     """Every logits tile the chunked backend forms has at most chunk_size rows."""
-    from hykernels.backends import _dense
-
     rows = []
-    real = _dense.logits
-    monkeypatch.setattr(_dense, "logits", lambda h, *a: rows.append(h.shape[0]) or real(h, *a))
+    real = torch_chunked._Call.logits
+    monkeypatch.setattr(torch_chunked._Call, "logits",
+                        lambda self, sl, vs: rows.append(sl.stop - sl.start) or real(self, sl, vs))
     h, w, y = inputs(n=23)
     h.requires_grad_()
     s = hk.token_stats(h, w, y, backend="torch_chunked", chunk_size=5)
@@ -141,12 +140,20 @@ def test_chunked_backend_never_holds_more_than_one_chunk(monkeypatch):
 
 
 def test_default_chunk_bounds_the_tile():
+    """The tile stays within half the hidden states' fp32 bytes (2·N·D, torch's chunked
+    linear_cross_entropy's default), clamped to [MIN_TILE_BYTES, TILE_BYTES], and a chunk is at
+    least one row."""
     from hykernels._types import LogitOptions
 
-    for v in (1000, 32768, 151936):
-        rows = torch_chunked.chunk_rows(10**6, v, LogitOptions())
-        assert rows * v * 4 <= max(torch_chunked.TILE_BYTES, 16 * v * 4)
-    assert torch_chunked.chunk_rows(7, 32768, LogitOptions()) == 7
+    tc = torch_chunked
+    for n, d, v in ((10**6, 4096, 151936), (8192, 1024, 32768), (2048, 1024, 151936), (300, 64, 1000)):
+        rows = tc.chunk_rows(n, v, d, LogitOptions())
+        budget = max(tc.MIN_TILE_BYTES, min(tc.TILE_BYTES, 2 * n * d))
+        assert 1 <= rows <= n and (rows * v * 4 <= budget or rows == 1)
+        assert rows == n or (rows + 1) * v * 4 > budget  # as many rows as fit
+    assert tc.chunk_rows(8192, 32768, 1024, LogitOptions()) == 128  # 16 MiB: torch's 128-row chunk there
+    assert tc.chunk_rows(7, 32768, 64, LogitOptions()) == 7
+    assert tc.chunk_rows(100, 1000, 64, LogitOptions(chunk_size=5)) == 5
 
 
 def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
