@@ -129,12 +129,9 @@ class _Call:
     def chunks(self, rows: int):
         return [slice(r, min(r + rows, self.n)) for r in range(0, self.n, max(rows, 1))]
 
-    def launch(self, kernel: str, fn, rows: int, cols: int, *args, **kwargs):
-        """Launch a tiled kernel over a rows × cols output, one program per tile."""
-        def grid(meta):
-            return (math.ceil(rows / meta["BLOCK_M"]) * math.ceil(cols / meta["BLOCK_N"]),)
-
-        return _configs.launch(kernel, fn, grid, self.dtype, self.device, *args, **kwargs, **self.dot)
+    def launch(self, kernel: str, fn, *args, **kwargs):
+        """Launch a tiled kernel, one program per output tile (_configs.grid)."""
+        return _configs.launch(kernel, fn, self.dtype, self.device, *args, **kwargs, **self.dot)
 
     def partials(self, sl: slice, z: Optional[torch.Tensor] = None) -> Partials:
         """Online-softmax partials of rows ``sl`` per vocabulary split; with ``z`` (a [rows, Vp]
@@ -148,8 +145,8 @@ class _Call:
         am = torch.empty(splits, rows, dtype=torch.int32, device=self.device)
         h = self.h[sl]
         tma = _configs.use_descriptors(h, self.w)
-        _configs.launch("logits_fwd", logits_fwd, lambda meta: (math.ceil(rows / meta["BLOCK_M"]) * splits,),
-                        self.dtype, self.device, _configs.operand(h, tma), _configs.operand(self.w, tma), self.bias,
+        _configs.launch("logits_fwd", logits_fwd, self.dtype, self.device, _configs.operand(h, tma),
+                        _configs.operand(self.w, tma), self.bias,
                         self.y[sl], z, m, s, t, u, zy, am, rows, self.vocab, self.dim, self.dim, self.dim,
                         0 if z is None else z.stride(0), split_width=width, num_splits=splits,
                         STORE_Z=z is not None, TMA=tma, **self.logit_args, **self.flags, **self.dot)
@@ -192,11 +189,11 @@ class _Grads:
         if self.dh is not None:
             dh = self.dh[sl]
             tma = _configs.use_descriptors(g, x.w, dh)
-            x.launch("dh_gemm", dh_gemm, rows, x.dim, *(_configs.operand(t, tma) for t in (g, x.w, dh)),
+            x.launch("dh_gemm", dh_gemm, *(_configs.operand(t, tma) for t in (g, x.w, dh)),
                      rows, x.vocab, x.dim, g.stride(0), x.w.stride(0), dh.stride(0), alpha, TMA=tma)
         if self.dw is not None:
             tma = _configs.use_descriptors(g, h, self.dw)
-            x.launch("dw_gemm", dw_gemm, x.vocab, x.dim, *(_configs.operand(t, tma) for t in (g, h, self.dw)),
+            x.launch("dw_gemm", dw_gemm, *(_configs.operand(t, tma) for t in (g, h, self.dw)),
                      rows, x.vocab, x.dim, g.stride(0), h.stride(0), self.dw.stride(0), alpha,
                      BETA=not self.first, TMA=tma)
         if self.db is not None:
@@ -236,7 +233,7 @@ def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs
         scale = x.grad_scale(rows_coefs)
         h = x.h[sl]
         tma = _configs.use_descriptors(h, x.w)
-        x.launch("logits_grad", logits_grad, c, x.vocab, _configs.operand(h, tma), _configs.operand(x.w, tma),
+        x.launch("logits_grad", logits_grad, _configs.operand(h, tma), _configs.operand(x.w, tma),
                  x.bias, x.y[sl], g, *x.row_args(lse[sl], lse_lo[sl], rows_coefs, scale), c, x.vocab, x.dim,
                  x.dim, x.dim, g.stride(0), TMA=tma, **x.logit_args, **x.flags)
         grads.add(g, sl, scale)

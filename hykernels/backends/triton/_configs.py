@@ -7,14 +7,17 @@ reduction, in the geometry of the logits GEMM (rows × vocabulary, steps over D)
     dh_gemm                    dH[rows, dim]   = G · W         tile m×n', steps of k' over V
     dw_gemm                    dW[vocab, dim] += Gᵀ · H        tile m'×n', steps of k' over rows
 
-On a GPU each kernel is autotuned (``triton.autotune``) over a small fixed table, keyed on
-(D, V) and the argument dtypes: the first call at a new key benchmarks every candidate once
-(~0.1 s each). Candidates marked ``hopper`` need sm_90's shared memory (228 KB) and are offered
+On a GPU each kernel is tuned over a small fixed table (_tune.py): the candidates ``offered``
+at the problem (those whose grid fills a wave of the GPU's SMs) are benchmarked once per key
+(the kernel's shapes, flags and operand dtypes; ~0.1 s each) and the choice is kept on disk for
+later processes. Candidates marked ``hopper`` need sm_90's shared memory (228 KB) and are offered
 on sm_90+ only. Every candidate of every table compiles without register spills for sm_80 and
 sm_90a (tests/compile_triton.py fails otherwise). The Triton interpreter (CPU tests) and a set
-``OVERRIDE`` take one explicit Blocks instead: the override's m×n×k is the logits tile, and the
-gradient GEMMs use the same numbers in their own roles (dH: m rows × k dims, steps of n; dW:
-n vocabulary × k dims, steps of m), so one small override gives ragged tiles in every kernel.
+``OVERRIDE`` take one explicit Blocks instead (``explicit_meta``): the override's m×n×k is the
+logits tile, and the gradient GEMMs use the same numbers in their own roles (dH: m rows × k
+dims, steps of n; dW: n vocabulary × k dims, steps of m), so one small override gives ragged
+tiles in every kernel. tests/compile_triton.py compiles every explicit Blocks the tests use
+(tests/triton_tiles.py) and INTERPRETER in those roles too.
 
 Tensor descriptors (TMA on sm_90+): the kernels take either a host ``TensorDescriptor`` per
 operand or a plain pointer, chosen per launch by ``use_descriptors``: on CUDA devices of compute
@@ -24,10 +27,9 @@ Triton ≥ 3.4 has host descriptors (triton.tools.tensor_descriptor), so 3.6 and
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -146,14 +148,43 @@ def candidates(kernel: str, dtype: torch.dtype, capability: int) -> tuple[Blocks
 
 
 def _meta(kernel: str, b: Blocks) -> dict:
-    """The kernel's constexpr tile sizes for Blocks ``b`` (see the module docstring)."""
-    if kernel in ("logits_fwd", "logits_grad"):
-        return dict(BLOCK_M=b.m, BLOCK_N=b.n, BLOCK_K=b.k, GROUP_M=b.group_m)
-    if OVERRIDE is not None or interpreting():  # one Blocks in its roles for every kernel
-        if kernel == "dh_gemm":
-            return dict(BLOCK_M=b.m, BLOCK_N=b.k, BLOCK_K=b.n, GROUP_M=b.group_m)
-        return dict(BLOCK_M=b.n, BLOCK_N=b.k, BLOCK_K=b.m, GROUP_M=b.group_m)
+    """The constexpr tile sizes of table candidate ``b`` (every kernel in the logits geometry's names)."""
     return dict(BLOCK_M=b.m, BLOCK_N=b.n, BLOCK_K=b.k, GROUP_M=b.group_m)
+
+
+def explicit_meta(kernel: str, b: Blocks) -> dict:
+    """The constexpr tile sizes of an explicit Blocks (OVERRIDE, INTERPRETER): the logits tile
+    m×n×k, and the same numbers in the gradient GEMMs' roles (see the module docstring)."""
+    if kernel == "dh_gemm":
+        return dict(BLOCK_M=b.m, BLOCK_N=b.k, BLOCK_K=b.n, GROUP_M=b.group_m)
+    if kernel == "dw_gemm":
+        return dict(BLOCK_M=b.n, BLOCK_N=b.k, BLOCK_K=b.m, GROUP_M=b.group_m)
+    return _meta(kernel, b)
+
+
+def grid(kernel: str, meta: dict) -> tuple[int]:
+    """The programs of ``kernel`` for the arguments and constexprs in ``meta``: one per output
+    tile, in grouped order (_tiles._grouped); logits_fwd one per row block and vocabulary split."""
+    if kernel == "logits_fwd":
+        return (-(-meta["N"] // meta["BLOCK_M"]) * meta["num_splits"],)
+    rows, cols = {"logits_grad": ("N", "V"), "dh_gemm": ("N", "D"), "dw_gemm": ("V", "D")}[kernel]
+    return (-(-meta[rows] // meta["BLOCK_M"]) * -(-meta[cols] // meta["BLOCK_N"]),)
+
+
+def offered(kernel: str, dtype: torch.dtype, capability: int, sms: int, named: dict) -> tuple[Blocks, ...]:
+    """The candidates tuned at the problem of arguments ``named`` on a GPU of ``sms``
+    multiprocessors: those whose grid fills at least one wave (sms programs), or, where no
+    candidate's does, those with the largest grid. The grid is taken at the rows rounded down
+    to a power of two (_tune.rows_bucket, as the tuning key has them), so every row count that
+    shares the choice gets at least that grid. A smaller grid leaves SMs idle for the whole
+    kernel: dh_gemm's 128×256 tile makes 64 programs of a 512-row chunk at D=4096."""
+    from ._tune import rows_bucket
+
+    table = candidates(kernel, dtype, capability)
+    at = dict(named, N=rows_bucket(named["N"]))
+    size = {b: grid(kernel, {**at, **_meta(kernel, b)})[0] for b in table}
+    need = min(sms, max(size.values()))
+    return tuple(b for b in table if size[b] >= need)
 
 
 # Per kernel: descriptor argument -> the constexprs that give its block shape.
@@ -197,29 +228,18 @@ def operand(t: torch.Tensor, descriptors: bool):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * t.dim())
 
 
-@functools.lru_cache(maxsize=None)
-def _tuned(kernel: str, jit_fn, dtype: torch.dtype, capability: int):
-    import triton
-
-    hook = functools.partial(_set_descriptor_blocks, kernel)
-    configs = [triton.Config(_meta(kernel, b), num_warps=b.num_warps, num_stages=b.num_stages, pre_hook=hook)
-               for b in candidates(kernel, dtype, capability)]
-    return triton.autotune(configs, key=["D", "V"])(jit_fn)
-
-
-def launch(kernel: str, jit_fn, grid: Callable[[dict], tuple], dtype: torch.dtype, device: torch.device,
-           *args, **kwargs) -> dict:
-    """Run ``jit_fn`` (named ``kernel`` in the tables): with OVERRIDE or under the interpreter at
-    one explicit Blocks, otherwise through its autotuner. Returns the constexprs it ran with."""
+def launch(kernel: str, jit_fn, dtype: torch.dtype, device: torch.device, *args, **kwargs) -> dict:
+    """Run ``jit_fn`` (named ``kernel`` in the tables) over its grid (``grid``): with OVERRIDE
+    or under the interpreter at one explicit Blocks, otherwise at its tuned candidate
+    (_tune.py). Returns the constexprs it ran with."""
     b = explicit(device)
     if b is not None:
-        meta = _meta(kernel, b)
+        meta = explicit_meta(kernel, b)
         named = dict(zip(jit_fn.arg_names, args), **kwargs, **meta)
         _set_descriptor_blocks(kernel, named)
         opts = dict(num_warps=b.num_warps, num_stages=b.num_stages) if device.type == "cuda" else {}
-        jit_fn[grid(meta)](*args, **kwargs, **meta, **opts)
+        jit_fn[grid(kernel, named)](*args, **kwargs, **meta, **opts)
         return meta
-    major, minor = torch.cuda.get_device_capability(device)
-    tuned = _tuned(kernel, jit_fn, dtype, major * 10 + minor)
-    tuned[grid](*args, **kwargs)
-    return tuned.best_config.kwargs
+    from . import _tune
+
+    return _tune.launch(kernel, jit_fn, dtype, _tune.device_info(device), args, kwargs)
