@@ -30,9 +30,9 @@
 # (default /tmp/hk-site, put on PYTHONPATH after the repository, so the machine's torch and triton stay),
 # a repacked nvidia-cutlass-dsl (.whl/*.tar.xz, made by `prep` with HK_CUTE=1) unpacked there,
 # HYKERNELS_TORCH_LCE_SRC=.whl/torch_lce when that folder exists, the device and versions in
-# OUT_DIR/device.txt. The caches go to .gpu-cache/ in the repository (HK_GPU_CACHE moves it): it never
-# comes back from the device machine, so every call is planned as a cold build; a second call to a machine
-# still warm finds it. Knobs: HK_SKIP_INSTALL=1 skips the installs, HK_BUDGET_S the budget,
+# OUT_DIR/device.txt. The caches (the extension, Triton's kernels, hykernels' tuning choices) go to
+# .gpu-cache/ in the repository (HK_GPU_CACHE moves it): it never comes back from the device machine, so
+# every call is planned as a cold build; a second call to a machine still warm finds it. Knobs: HK_SKIP_INSTALL=1 skips the installs, HK_BUDGET_S the budget,
 # HK_MAX_<STEP> a step's maximum (e.g. HK_MAX_PYTEST_GPU=60), HK_PYTEST_GPU_ARGS replaces the gpu tests'
 # selection (default: -m gpu over the test files that use the marker), SMOKE_ARGS adds flags to
 # bench/smoke.py, PROBES_ARGS to bench/bench_probes.py (later flags win), HK_DRY_RUN=1 runs nothing and
@@ -227,6 +227,7 @@ note_skip() {  # note_skip NAME WHY: a step of the plan that does not apply here
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 cache=${HK_GPU_CACHE:-$REPO/.gpu-cache}
 export TORCH_EXTENSIONS_DIR=$cache/torch_extensions TRITON_CACHE_DIR=$cache/triton
+export HYKERNELS_CACHE_DIR=${HYKERNELS_CACHE_DIR-$cache/hykernels}  # the triton backend's tuning choices
 SITE=${HK_SITE:-/tmp/hk-site}
 export PYTHONPATH=$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}  # hykernels from this checkout, the peers from SITE
 [ -d "$WHL/torch_lce" ] && export HYKERNELS_TORCH_LCE_SRC=${HYKERNELS_TORCH_LCE_SRC:-$WHL/torch_lce}
@@ -263,7 +264,8 @@ for dist in ("triton", "hykernels", "transformers", "liger-kernel", "cut-cross-e
         lines.append(f"{dist} {md.version(dist)}")
     except md.PackageNotFoundError:
         lines.append(f"{dist} not installed")
-for var in ("TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "PYTHONPATH", "HYKERNELS_TORCH_LCE_SRC"):
+for var in ("TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "HYKERNELS_CACHE_DIR", "PYTHONPATH",
+            "HYKERNELS_TORCH_LCE_SRC"):
     lines.append(f"{var}={os.environ.get(var, '')}")
 with open(sys.argv[1], "a") as f:
     f.write("\n".join(lines) + "\n")

@@ -643,7 +643,7 @@ def main(argv=None) -> int:
                                                   "cuda-bindings"),
                                "hykernels_commit": _common.git_commit()},
                   "env": {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_CACHE_DIR", "TORCH_EXTENSIONS_DIR",
-                                                         "HYKERNELS_TORCH_LCE_SRC")},
+                                                         "HYKERNELS_CACHE_DIR", "HYKERNELS_TORCH_LCE_SRC")},
                   "shape": shape, "dtype": args.dtype, "seed": seed, "repeats": args.repeats,
                   "hk_value_checks": args.hk_checks, "caps": {"item_max_s": ITEM_MAX_S, "item_floor_s": ITEM_FLOOR_S,
                                                               "item_max_override_s": args.item_max_s},
