@@ -14,6 +14,7 @@ Workloads (each: one forward giving a scalar loss, then loss.backward()):
 Implementations (``IMPLS``, in the order a run takes them: hykernels first, then the peers, then
 the references, ``reference_compiled`` last since compiling can take minutes):
   hk_cuda, hk_triton, hk_torch_chunked, hk_reference   the hykernels backends
+  hk_torch_chunked_stats  token_stats (+ its backward) of torch_chunked on the CE workload
   liger_flce          Liger-Kernel's fused linear cross-entropy
   cce                 Apple's Cut Cross-Entropy
   liger_nll_entropy   Liger's per-token NLL/entropy path
@@ -191,6 +192,27 @@ class Hykernels(Impl):
                                         reduce="mean", ignore_index=IGNORE_INDEX, backend=b)
             return (x["g"] * c).sum(), {"support": c}
         return prg
+
+
+class HykernelsStats(Hykernels):
+    """hykernels' token_stats on the cross-entropy workload: per-token log-probs, loss = mean
+    −logp, the gradients from its backward (the logits recomputed: 8·N·D·V). The per-token path's
+    counterpart of torch_lce_none; hk_<backend> runs the same workload through fused_loss."""
+
+    grads = {"ce": "bwd"}
+    workloads = ("ce",)
+
+    def __init__(self, backend: str):
+        super().__init__(backend)
+        self.name = f"hk_{backend}_stats"
+        self.description = f"hykernels {backend} backend, token_stats on the CE workload (logits recomputed in backward)"
+        self.default = False  # asked for by name (the cpu-torch preset)
+
+    def build(self, workload, device, dtype):
+        hk = _hk()
+        super().build(workload, device, dtype)  # the availability check
+        return lambda x: (-(hk.token_stats(x["hidden"], x["weight"], x["targets"], ignore_index=IGNORE_INDEX,
+                                           backend=self.backend).logp.sum()) / x["T"], {})
 
 
 class LigerFLCE(Impl):
@@ -405,7 +427,8 @@ class Wrong(Impl):
 
 
 # The run order: hykernels paths first, then the peers, then the references (compile last).
-IMPLS = {i.name: i for i in (Hykernels("cuda"), Hykernels("triton"), Hykernels("torch_chunked"), LigerFLCE(),
+IMPLS = {i.name: i for i in (Hykernels("cuda"), Hykernels("triton"), Hykernels("torch_chunked"),
+                             HykernelsStats("torch_chunked"), LigerFLCE(),
                              CCE(), LigerNLLEntropy(), TorchLCE("mean"), TorchLCE("none"), Reference(),
                              ReferenceCompiled(), Hykernels("reference"), Wrong())}
 PUBLIC_IMPLS = [n for n, i in IMPLS.items() if not i.hidden]

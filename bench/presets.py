@@ -36,6 +36,17 @@ PRESETS = {
                          workloads=["token_stats", "rd_rlif"], prg_traces=[16], repeats=3, warmup=1,
                          impls=["hk_reference", "hk_torch_chunked"], baseline="hk_reference",
                          targets={"time_ratio_max": 1.5, "peak_memory_ratio_max": 0.25}),
+    # issue 21: hykernels' torch_chunked against torch's own chunked F.linear_cross_entropy on the CE
+    # workload, fused_loss beside reduction="mean" (gradients formed in forward, 6·N·D·V) and
+    # token_stats + backward beside reduction="none" (recomputed, 8·N·D·V); a 32k vocabulary at
+    # N=8192 and a Llama-3 vocabulary at N=4096 (n_by_model), fp32 and bf16
+    "cpu-torch": dict(device="cpu", models=["1024:32768", "1024:128256"], n=[8192],
+                      n_by_model={"1024:128256": [4096]}, dtypes=["float32", "bfloat16"], workloads=["ce"],
+                      prg_traces=[16], repeats=3, warmup=1,
+                      impls=["hk_torch_chunked", "hk_torch_chunked_stats", "torch_lce", "torch_lce_none"],
+                      baseline="torch_lce",
+                      pairs={"hk_torch_chunked": "torch_lce", "hk_torch_chunked_stats": "torch_lce_none"},
+                      targets={"time_ratio_max": 1.0, "peak_memory_ratio_max": 1.0}),
     "toy": dict(models=["toy"], n=[64, 200], dtypes=["float32"], workloads=list(WORKLOADS), prg_traces=[2],
                 repeats=3, warmup=1, isolate="impl"),
 }

@@ -96,25 +96,33 @@ def annotate(report: dict) -> None:
             r["roofline"] = {k: m[k] for k in ("fwd_ms", "bwd_ms", "total_ms", "ideal_ms")}
             r["roofline"]["measured_over_roofline"] = r["total_ms"] / m["total_ms"]
     base, targets = report["config"].get("baseline"), report["config"].get("targets") or {}
-    if not base:
+    pairs = report["config"].get("pairs") or {}
+    if not base and not pairs:
         return
-    ref = {r["case"]: r for r in report["results"] if r["impl"] == base and r["status"] == "ok"}
+    ok = {(r["impl"], r["case"]): r for r in report["results"] if r["status"] == "ok"}
     met = []
     for r in report["results"]:
-        b = ref.get(r["case"])
-        if r["status"] != "ok" or b is None or r["impl"] == base:
+        if r["status"] != "ok":
             continue
-        vs = {"impl": base, "time": r["total_ms"] / b["total_ms"],
-              "peak_memory": (r["peak_extra_bytes"] / b["peak_extra_bytes"]) if b.get("peak_extra_bytes", 0) > 0
-              else None}
-        if "time_ratio_max" in targets:
-            vs["time_target_met"] = vs["time"] <= targets["time_ratio_max"]
-            met.append(vs["time_target_met"])
-        if "peak_memory_ratio_max" in targets:
-            vs["memory_target_met"] = (vs["peak_memory"] is not None
-                                       and vs["peak_memory"] <= targets["peak_memory_ratio_max"])
-            met.append(vs["memory_target_met"])
-        r["vs_baseline"] = vs
+        # vs_baseline: against the baseline; vs_pair: against the impl it is paired with (same
+        # design: gradients formed in forward, or recomputed in backward). Targets judge the pair
+        # where there is one.
+        for key, other in (("vs_baseline", base), ("vs_pair", pairs.get(r["impl"]))):
+            b = ok.get((other, r["case"]))
+            if not other or b is None or other == r["impl"]:
+                continue
+            vs = {"impl": other, "time": r["total_ms"] / b["total_ms"],
+                  "peak_memory": (r["peak_extra_bytes"] / b["peak_extra_bytes"]) if b.get("peak_extra_bytes", 0) > 0
+                  else None}
+            if key == "vs_pair" or r["impl"] not in pairs:
+                if "time_ratio_max" in targets:
+                    vs["time_target_met"] = vs["time"] <= targets["time_ratio_max"]
+                    met.append(vs["time_target_met"])
+                if "peak_memory_ratio_max" in targets:
+                    vs["memory_target_met"] = (vs["peak_memory"] is not None
+                                               and vs["peak_memory"] <= targets["peak_memory_ratio_max"])
+                    met.append(vs["memory_target_met"])
+            r[key] = vs
     if targets:
         report["all_targets_met"] = bool(met) and all(met)
 
@@ -189,6 +197,11 @@ def markdown_table(report: dict) -> str:
     if base:
         cols += [f"time ×{base}", f"mem ×{base}"]
         align += ["---:", "---:"]
+    pairs = report["config"].get("pairs") or {}
+    if pairs:
+        head += "; ×pair = the same over the implementation of the same design (vs column)"
+        cols += ["time ×pair", "mem ×pair", "vs"]
+        align += ["---:", "---:", "---"]
     roof = any(r.get("roofline") for r in report["results"])
     if roof:
         head += "; ×roofline = fwd+bwd over bench/roofline.py's time for hk_triton (roofline ms)"
@@ -207,11 +220,15 @@ def markdown_table(report: dict) -> str:
                  "-" if r.get("useful_tflops") is None else format(r["useful_tflops"], ".3g"),
                  "-" if eff is None else format(100 * eff, ".3g"), "-" if err is None else format(err, ".1e"),
                  _correct_cell(r)]
-        if base:
-            vs = r.get("vs_baseline") or {}
+        for field, on in (("vs_baseline", base), ("vs_pair", pairs)):
+            if not on:
+                continue
+            vs = r.get(field) or {}
             for key, met in (("time", "time_target_met"), ("peak_memory", "memory_target_met")):
                 cells.append("-" if vs.get(key) is None else
                              f"{vs[key]:.2f}" + ("" if vs.get(met, True) else " (MISSED)"))
+            if field == "vs_pair":
+                cells.append(vs.get("impl", "-"))
         if roof:
             m = r.get("roofline")
             cells.append(f"{m['measured_over_roofline']:.2f} ({_fmt_ms(m['total_ms'])})" if m else "-")

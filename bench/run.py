@@ -73,7 +73,7 @@ def build_cases(args) -> list[dict]:
             if workload == "prg":
                 rows = [t * (args.prg_steps + 1) * args.prg_answer_len for t in args.prg_traces]
             else:
-                rows = args.n
+                rows = (getattr(args, "n_by_model", None) or {}).get(model, args.n)
             for dtype in args.dtypes:
                 for n in rows:
                     cases.append(dict(id=len(cases), workload=workload, model=model, D=d, V=v, N=n, dtype=dtype,
@@ -104,7 +104,8 @@ def parent(args) -> int:
               "input_sets": args.input_sets, "case_budget_s": args.case_budget, "isolate": isolate, "seed": seed,
               "prg_traces": args.prg_traces, "prg_steps": args.prg_steps, "prg_answer_len": args.prg_answer_len,
               "hk_value_checks": args.hk_checks, "interpreter_max_ndv": INTERPRETER_MAX_NDV,
-              "baseline": args.baseline, "targets": args.targets}
+              "baseline": args.baseline, "targets": args.targets,
+              "pairs": args.pairs, "n_by_model": getattr(args, "n_by_model", None)}
     rep = reporting.new_report(config, cases, impls)
     suffix = f"-{args.preset}" if args.preset not in ("gpu", "cpu") else ""
     default_out = lambda name: ROOT / "bench" / "results" / f"{_slug(name)}-{rep['date']}{suffix}.json"  # noqa: E731
@@ -297,6 +298,7 @@ def main(argv=None) -> int:
         args.preset = "gpu" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "cpu"
     preset = dict(PRESETS[args.preset])
     args.targets = preset.pop("targets", None)
+    args.pairs = preset.pop("pairs", None)
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

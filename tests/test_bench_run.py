@@ -182,6 +182,39 @@ def test_cpu_backends_preset(tmp_path):
     assert "time ×hk_reference" in proc.stdout
 
 
+def test_cpu_torch_preset(tmp_path):
+    """Issue 21's comparison as a preset: torch_chunked's fused_loss and token_stats (+ backward) on
+    the CE workload beside torch's chunked F.linear_cross_entropy, each paired with torch's path of
+    the same design (mean: gradients in forward; none: recomputed), fp32 and bf16, its second
+    model at its own N (n_by_model); every result checked against the fp32 gold."""
+    out = tmp_path / "cpu-torch.json"
+    proc = _run("--preset", "cpu-torch", "--models", "16:301", "24:1000", "--n", "64", "--repeats", "1",
+                "--no-plot", "--out", str(out))
+    report = json.loads(out.read_text())
+    cfg = report["config"]
+    assert cfg["baseline"] == "torch_lce" and cfg["pairs"]["hk_torch_chunked_stats"] == "torch_lce_none"
+    assert {(c["model"], c["N"]) for c in report["cases"]} == {("16:301", 64), ("24:1000", 64)}
+    rows = {(r["impl"], r["model"], r["dtype"]): r for r in report["results"]}
+    impls = ("hk_torch_chunked", "hk_torch_chunked_stats", "torch_lce", "torch_lce_none")
+    assert set(rows) == {(i, m, d) for i in impls for m in ("16:301", "24:1000") for d in ("float32", "bfloat16")}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["correctness"]["ok"], r
+    for m in ("16:301", "24:1000"):
+        for d in ("float32", "bfloat16"):
+            assert rows[("hk_torch_chunked_stats", m, d)]["vs_pair"]["impl"] == "torch_lce_none"
+            assert rows[("hk_torch_chunked_stats", m, d)]["vs_baseline"]["impl"] == "torch_lce"
+            assert rows[("hk_torch_chunked", m, d)]["vs_pair"]["impl"] == "torch_lce"
+            assert "time_target_met" in rows[("hk_torch_chunked", m, d)]["vs_pair"]
+            assert "time_target_met" not in rows[("hk_torch_chunked_stats", m, d)]["vs_baseline"]
+    assert isinstance(report["all_targets_met"], bool)
+    assert "time ×pair" in proc.stdout and "torch_lce_none" in proc.stdout
+    # the n_by_model rule: the preset's own second model runs at its own N
+    args = _bench("run").argparse.Namespace(workloads=["ce"], models=["1024:32768", "1024:128256"], n=[8192],
+                                            n_by_model={"1024:128256": [4096]}, dtypes=["float32"], prg_steps=8,
+                                            prg_answer_len=4, prg_traces=[1])
+    assert [(c["V"], c["N"]) for c in _bench("run").build_cases(args)] == [(32768, 8192), (128256, 4096)]
+
+
 def test_merge(toy_run, tmp_path):
     report, _, out = toy_run
     merged = tmp_path / "merged.json"
