@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hykernels as hk
-from cases import SHAPES, make_case
+from cases import make_case
 
 from conftest import BACKENDS, DEVICE
 
@@ -123,20 +123,6 @@ def test_bf16_statistics_as_exact_as_fp32_logits(rng, backend):
         assert ours <= own + 1e-4, f"{name}: {ours:.3g} > torch's bf16 {own:.3g} + 1e-4"
     for name in ("lse", "logp"):
         assert max_err(getattr(st, name), gold[name]) < 2e-5, name
-
-
-def test_dense_gemm_blocks_give_fp32_output(monkeypatch, rng):
-    """Half operands off CUDA: the weight upcast one block of rows at a time (the blocks cover it
-    exactly), the output fp32 and equal to the fp32 GEMM of the same values."""
-    from hykernels.backends import _dense
-
-    h = torch.randn(5, 16, generator=rng).bfloat16()
-    w = torch.randn(37, 16, generator=rng).bfloat16()
-    want = h.float() @ w.float().T
-    monkeypatch.setattr(_dense, "WEIGHT_BLOCK_BYTES", 16 * 4 * 10)  # 10 rows per block: 4 blocks, the last short
-    got = _dense.gemm(h, w, torch.float32)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_triton_tanh_is_accurate():

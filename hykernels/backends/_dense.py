@@ -1,9 +1,7 @@
-"""Dense tile math shared by the PyTorch backends: one [rows, V] logits tile at a time.
-
-The reference applies it to the whole batch in fp32/fp64; torch_chunked to one token chunk
-at a time. Keeping the formulas here means both PyTorch paths are the same math by
-construction, and the reference stays a few lines long.
-"""
+"""The reference backend's dense math on a whole [rows, V] logits tile in fp32/fp64, written
+plainly (torch.max, logsumexp, one op per formula) so the oracle stays easy to read; the
+torch_chunked backend computes the same formulas its own faster way and is tested against it.
+Also fp32_output_gemm_error, the probe of torch's fp32-output GEMM on a device."""
 from __future__ import annotations
 
 import functools
@@ -19,11 +17,6 @@ from .._types import LogitOptions, RowCoefs, TokenStats
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics and accumulators are fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# Half-precision operands are upcast one vocabulary block of the weight at a time: at most
-# this many bytes of fp32 weight copy live at once (never the whole V·D·4 bytes).
-WEIGHT_BLOCK_BYTES = 32 * 2**20
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,29 +39,6 @@ def fp32_output_gemm_error(device: torch.device) -> Optional[str]:
     return None
 
 
-def gemm(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """H·Wᵀ with its output in ``dtype`` (fp32 for half operands), never rounded to bf16/fp16:
-    a half GEMM's rounded output costs lse errors of ~1e-3, and the bias and softcap come after it.
-
-    Half operands: on CUDA one ``torch.mm(out_dtype=fp32)`` (fp32 accumulate and output, torch ≥
-    2.8); elsewhere (CPU torch has no such kernel) the hidden rows are upcast once and the weight
-    one block of rows at a time, each block's fp32 copy at most WEIGHT_BLOCK_BYTES, written into
-    its columns of the fp32 output. Memory beyond the [rows, V] output: rows·D·4 + that block."""
-    if hidden.dtype == dtype and weight.dtype == dtype:
-        return hidden @ weight.T
-    if hidden.is_cuda and dtype == torch.float32 and fp32_output_gemm_error(hidden.device) is None:
-        return torch.mm(hidden, weight.T, out_dtype=dtype)
-    h = hidden.to(dtype)
-    vocab, dim = weight.shape
-    step = max(1, WEIGHT_BLOCK_BYTES // (dim * torch.finfo(dtype).bits // 8))
-    if step >= vocab:
-        return h @ weight.to(dtype).T
-    out = torch.empty(h.shape[0], vocab, dtype=dtype, device=h.device)
-    for v0 in range(0, vocab, step):
-        torch.mm(h, weight[v0:v0 + step].to(dtype).T, out=out[:, v0:v0 + step])
-    return out
-
-
 def logits(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -77,9 +47,9 @@ def logits(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """z = s(H·Wᵀ + b)/τ in ``dtype`` (docs/math.md §1: the model's softcap first, then the
-    sampler's temperature). The GEMM's output is already ``dtype`` (``gemm``): the bias, softcap
-    and temperature apply to unrounded fp32 (fp64) values."""
-    z = gemm(hidden, weight, dtype)
+    sampler's temperature), from ``hidden`` and ``weight`` already in ``dtype`` (fp32/fp64), so the
+    bias, softcap and temperature apply to unrounded values."""
+    z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         z += bias.to(dtype)
     if opts.softcap is not None:  # c·tanh(x/c)/τ, the two scalings folded into one multiply
