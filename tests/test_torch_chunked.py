@@ -88,12 +88,20 @@ def checks_off(request):
     hk.set_checks(True)
 
 
+def _small_tiles(monkeypatch, budget):
+    """A workspace of ``budget`` bytes for the tile alone, and elementwise blocks of 100 entries
+    (several per tile, the last one ragged)."""
+    monkeypatch.setattr(tc, "MIN_TILE_BYTES", budget)
+    monkeypatch.setattr(tc, "TILE_BYTES", budget)
+    monkeypatch.setattr(tc, "TEMP_BLOCKS", 0)
+    monkeypatch.setattr(tc, "BLOCK_ELEMENTS", 100)
+
+
 @pytest.fixture
 def sliced(monkeypatch):
     """A workspace of 16 rows × 24 vocabulary entries: 3 row chunks (16, 16, 5) × 5 ragged
     slices (24, 24, 24, 24, 7) of the 37 × 103 problem; fused_loss then takes its recompute path."""
-    monkeypatch.setattr(tc, "MIN_TILE_BYTES", 16 * 24 * 4)
-    monkeypatch.setattr(tc, "TILE_BYTES", 16 * 24 * 4)
+    _small_tiles(monkeypatch, 16 * 24 * 4)
     monkeypatch.setattr(tc, "TILE_ROWS", 16)
     monkeypatch.setattr(tc, "SLICE_ALIGN", 8)
     x = tc._Call(torch.zeros(37, 19), torch.zeros(103, 19), None, torch.zeros(37, dtype=torch.long), LogitOptions())
@@ -129,8 +137,7 @@ def test_fused_loss_paths_match_the_reference(rng, monkeypatch, dtype, options, 
     """fused_loss's recompute path (fewer than FUSED_MIN_ROWS whole rows fit) and its 6·N·D·V
     path over several whole-row chunks without chunk_size, each with every loss-term family."""
     if path == "recompute":
-        monkeypatch.setattr(tc, "MIN_TILE_BYTES", 9 * 103 * 4)  # 9 whole rows < FUSED_MIN_ROWS
-        monkeypatch.setattr(tc, "TILE_BYTES", 9 * 103 * 4)
+        _small_tiles(monkeypatch, 9 * 103 * 4)  # 9 whole rows < FUSED_MIN_ROWS
         monkeypatch.setattr(tc, "TILE_ROWS", 16)
         monkeypatch.setattr(tc, "SLICE_ALIGN", 8)
         calls = []
@@ -138,8 +145,7 @@ def test_fused_loss_paths_match_the_reference(rng, monkeypatch, dtype, options, 
         monkeypatch.setattr(tc, "token_stats_backward", lambda *a: calls.append(1) or real(*a))
     else:
         monkeypatch.setattr(tc, "FUSED_MIN_ROWS", 4)
-        monkeypatch.setattr(tc, "MIN_TILE_BYTES", 10 * 103 * 4)  # 10 whole rows: chunks of 10, 10, 10, 7
-        monkeypatch.setattr(tc, "TILE_BYTES", 10 * 103 * 4)
+        _small_tiles(monkeypatch, 10 * 103 * 4)  # 10 whole rows: chunks of 10, 10, 10, 7
     h, w, b, y, kw = _problem(rng, dtype, options)
     t = {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in TERMS[terms](len(y), rng).items()}
     ours = _loss_and_grads("torch_chunked", h, w, b, y, kw, t)
@@ -166,8 +172,7 @@ def test_half_gemm_branches(rng, monkeypatch, dtype, tiles):
     two and unscaled after), forced on the CPU, against the reference."""
     monkeypatch.setattr(tc, "_fast_half_gemms", lambda device, dt: True)
     if tiles == "sliced":
-        monkeypatch.setattr(tc, "MIN_TILE_BYTES", 16 * 24 * 6)
-        monkeypatch.setattr(tc, "TILE_BYTES", 16 * 24 * 6)
+        _small_tiles(monkeypatch, 16 * 24 * 6)
         monkeypatch.setattr(tc, "TILE_ROWS", 16)
         monkeypatch.setattr(tc, "SLICE_ALIGN", 8)
     h, w, b, y, kw = _problem(rng, dtype, "temp_bias")
@@ -199,12 +204,22 @@ def test_blockwise_argmax_is_torch_max(rng, vocab):
 
 def test_plan_at_the_benchmark_shapes():
     """fused_loss keeps whole rows (its 6·N·D·V pass); token_stats takes 1024-row tiles by a
-    vocabulary slice where few whole rows fit; 2·N·D bytes bound the workspace (torch's default)."""
+    vocabulary slice where few whole rows fit; 2·N·D bytes (torch's default) bound the tile and the
+    elementwise temporaries together."""
     o = LogitOptions()
-    assert tc.plan(8192, 32768, 1024, o, 4, whole_rows=True) == (128, 32768)   # 16 MiB = 2·N·D
-    assert tc.plan(8192, 32768, 1024, o, 4) == (1024, 4096)
-    assert tc.plan(8192, 32768, 1024, o, 6) == (1024, 2688)  # bf16: fp32 tile + its bf16 copy
-    assert tc.plan(2048, 151936, 1024, o, 4, whole_rows=True) == (6, 151936)  # fused_loss recomputes
-    assert tc.plan(2048, 151936, 1024, o, 4) == (1024, 1024)
+    temps = tc.TEMP_BLOCKS * tc.BLOCK_ELEMENTS * 4
+    assert tc.tile_bytes(8192, 1024) == 16 * 2**20 - temps
+    rows = (16 * 2**20 - temps) // (32768 * 4)
+    assert tc.plan(8192, 32768, 1024, o, 4, whole_rows=True) == (rows, 32768) and 100 < rows < 128
+    assert tc.plan(8192, 32768, 1024, o, 4) == (1024, (16 * 2**20 - temps) // 4096 // 64 * 64)
+    assert tc.plan(8192, 32768, 1024, o, 6)[0] == 1024  # bf16: fp32 tile + its bf16 copy, 6 B per entry
+    assert tc.plan(2048, 151936, 1024, o, 4, whole_rows=True)[0] < tc.FUSED_MIN_ROWS  # fused_loss recomputes
+    assert tc.plan(2048, 151936, 1024, o, 4)[0] == 1024
     assert tc.plan(300, 1000, 64, o, 4) == (300, 1000)  # the 4 MiB floor holds every row
     assert tc.plan(300, 1000, 64, LogitOptions(chunk_size=7), 4) == (7, 1000)
+    # elementwise blocks of about BLOCK_ELEMENTS entries, whatever the tile's width
+    for shape in ((32768, 116), (3712, 1024), (103, 37)):
+        blocks = tc._blocks(torch.empty(shape))
+        assert blocks[0].start == 0 and blocks[-1].stop == shape[0]
+        assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+        assert (blocks[0].stop - blocks[0].start) * shape[1] <= max(tc.BLOCK_ELEMENTS, shape[1])

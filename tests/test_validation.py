@@ -149,9 +149,11 @@ def test_default_chunk_bounds_the_tile():
     for n, d, v in ((10**6, 4096, 151936), (8192, 1024, 32768), (2048, 1024, 151936), (300, 64, 1000)):
         rows = tc.chunk_rows(n, v, d, LogitOptions())
         budget = max(tc.MIN_TILE_BYTES, min(tc.TILE_BYTES, 2 * n * d))
-        assert 1 <= rows <= n and (rows * v * 4 <= budget or rows == 1)
-        assert rows == n or (rows + 1) * v * 4 > budget  # as many rows as fit
-    assert tc.chunk_rows(8192, 32768, 1024, LogitOptions()) == 128  # 16 MiB: torch's 128-row chunk there
+        tile = tc.tile_bytes(n, d)
+        assert tile <= budget and 1 <= rows <= n and (rows * v * 4 <= tile or rows == 1)
+        assert rows == n or (rows + 1) * v * 4 > tile  # as many rows as fit
+    # 16 MiB at the bench shape, as torch's 128-row chunk there: the tile and its temporaries within it
+    assert tc.chunk_rows(8192, 32768, 1024, LogitOptions()) * 32768 * 4 <= 16 * 2**20
     assert tc.chunk_rows(7, 32768, 64, LogitOptions()) == 7
     assert tc.chunk_rows(100, 1000, 64, LogitOptions(chunk_size=5)) == 5
 

@@ -10,7 +10,7 @@ a 2-core AVX-512 CPU (bench/results/cpu-*-torch.json sets it beside torch's own 
   dH = (Gᵀ)ᵀ·W and dW += Gᵀ·H. With rows ≈ 128, MKL runs W·Hᵀ ~20% faster than H·Wᵀ (torch's
   layout) and the two gradient GEMMs no slower.
 - **One tile buffer per call,** reused by every chunk (a fresh tile per chunk costs the kernel's
-  page faults and zero-fill on CPU), plus temporaries of at most BLOCK_ROWS vocabulary rows:
+  page faults and zero-fill on CPU), plus temporaries of about BLOCK_ELEMENTS entries each:
   the elementwise work streams the tile block by block, so its temporaries stay in cache.
 - **Few elementwise passes.** The max and the first argmax come from block maxima (torch.max
   with indices costs as much as exp); Σ(z − m), Σe^{z−m} and Σ(z − m)·e^{z−m} are gathered in the
@@ -28,7 +28,8 @@ Memory beyond inputs and outputs: the tile, rows·V·4 bytes (·6 when a bf16 co
 feeds bf16 GEMMs; ·8 for fp64), chosen within ``workspace_bytes`` = half the bytes of the hidden
 states in fp32 (2·N·D: the workspace torch's chunked linear_cross_entropy takes by default, so
 peak memory is no more than torch's at the same shape), clamped to [MIN_TILE_BYTES, TILE_BYTES];
-temporaries of BLOCK_ROWS·rows entries; for half inputs off CUDA the fp32 copy of W
+with TEMP_BLOCKS temporaries of BLOCK_ELEMENTS entries inside that budget; for half inputs off CUDA
+the fp32 copy of W
 (V·D·4, as torch's); fp32 accumulators for dW where the GEMMs are fp32 or the weights fp16
 (bf16 dW is accumulated in place, one rounding per chunk, as torch's chunked CE, Liger and the
 cuda/triton backends do; ``HYKERNELS_FP32_ACCUMULATE=1`` keeps an fp32 accumulator); fp32 db.
@@ -54,7 +55,8 @@ MIN_TILE_BYTES = 4 * 2**20  # below this, per-chunk overhead (a few dozen ops) o
 TILE_ROWS = 1024  # rows of a tile when whole rows do not fit: GEMMs of 1024 × a few thousand run near peak
 SLICE_ALIGN = 64  # vocabulary slices are a multiple of this many entries
 FUSED_MIN_ROWS = 64  # fewer whole rows per chunk than this: fused_loss recomputes (see fused_loss)
-BLOCK_ROWS = 1024  # vocabulary rows of the tile per elementwise step: temporaries of 1024·rows entries
+BLOCK_ELEMENTS = 2**17  # tile entries per elementwise step (512 KiB of fp32 temporaries: in cache)
+TEMP_BLOCKS = 3  # such temporaries alive at once: the workspace budget holds them beside the tile
 ARG_BLOCK = 64  # vocabulary rows per block of the blockwise max (argmax = first maximum)
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -70,26 +72,33 @@ def workspace_bytes(n: int, dim: int) -> int:
     return max(MIN_TILE_BYTES, min(TILE_BYTES, 2 * n * dim))
 
 
-def chunk_rows(n: int, vocab: int, dim: int, opts: LogitOptions, entry_bytes: int = 4) -> int:
+def tile_bytes(n: int, dim: int, acc_bytes: int = 4) -> int:
+    """The part of ``workspace_bytes`` left for the tile (and its half copy) once the elementwise
+    temporaries (TEMP_BLOCKS of BLOCK_ELEMENTS entries of ``acc_bytes``) are set aside."""
+    budget = workspace_bytes(n, dim)
+    return max(budget // 2, budget - TEMP_BLOCKS * BLOCK_ELEMENTS * acc_bytes)
+
+
+def chunk_rows(n: int, vocab: int, dim: int, opts: LogitOptions, entry_bytes: int = 4, acc_bytes: int = 4) -> int:
     """Rows of whole vocabulary rows per chunk: ``opts.chunk_size`` if given, else as many as fit
-    ``workspace_bytes`` at ``entry_bytes`` per tile entry (at least 1, at most n)."""
+    ``tile_bytes`` at ``entry_bytes`` per tile entry (at least 1, at most n)."""
     if opts.chunk_size is not None:
         return max(1, min(n, opts.chunk_size))
-    return max(1, min(n, workspace_bytes(n, dim) // (vocab * entry_bytes)))
+    return max(1, min(n, tile_bytes(n, dim, acc_bytes) // (vocab * entry_bytes)))
 
 
 def plan(n: int, vocab: int, dim: int, opts: LogitOptions, entry_bytes: int = 4,
-         whole_rows: bool = False) -> tuple[int, int]:
+         whole_rows: bool = False, acc_bytes: int = 4) -> tuple[int, int]:
     """(rows per chunk, vocabulary entries per slice) of the tiles. Whole rows (one slice) when
     ``whole_rows`` (fused_loss's 6·N·D·V pass needs each row's lse before its gradient), when
     ``opts.chunk_size`` is given, or when at least min(n, TILE_ROWS) whole rows fit the budget;
     otherwise TILE_ROWS rows by as many vocabulary entries as fit (a multiple of SLICE_ALIGN):
     GEMMs of 1024 × a few thousand run near MKL's peak, where a chunk of ~128 whole rows does not."""
-    rows = chunk_rows(n, vocab, dim, opts, entry_bytes)
+    rows = chunk_rows(n, vocab, dim, opts, entry_bytes, acc_bytes)
     if whole_rows or opts.chunk_size is not None or rows >= min(n, TILE_ROWS):
         return rows, vocab
     rows = min(n, TILE_ROWS)
-    cols = workspace_bytes(n, dim) // (rows * entry_bytes) // SLICE_ALIGN * SLICE_ALIGN
+    cols = tile_bytes(n, dim, acc_bytes) // (rows * entry_bytes) // SLICE_ALIGN * SLICE_ALIGN
     return rows, max(SLICE_ALIGN, min(vocab, cols))
 
 
@@ -133,8 +142,9 @@ class _Call:
         self.bias_dtype = None if bias is None else bias.dtype
         self.inv_temp = 1.0 / opts.temperature
         narrow = grad_gemms and self.grad_dtype != self.acc  # a half copy of each gradient tile
-        entry = torch.finfo(self.acc).bits // 8 + (torch.finfo(self.grad_dtype).bits // 8 if narrow else 0)
-        self.rows, self.cols = plan(self.n, self.vocab, self.dim, opts, entry, whole_rows)
+        acc_bytes = torch.finfo(self.acc).bits // 8
+        entry = acc_bytes + (torch.finfo(self.grad_dtype).bits // 8 if narrow else 0)
+        self.rows, self.cols = plan(self.n, self.vocab, self.dim, opts, entry, whole_rows, acc_bytes)
         tile = min(self.rows, self.n) * self.cols
         self.buf = torch.empty(tile, dtype=self.acc, device=self.device)
         self.gbuf = torch.empty(tile, dtype=self.grad_dtype, device=self.device) if narrow else None
@@ -175,8 +185,11 @@ class _Call:
         return torch.where(here, y - vs.start, torch.zeros_like(y))[None, :], here
 
 
-def _blocks(vocab: int):
-    return [slice(v, min(v + BLOCK_ROWS, vocab)) for v in range(0, vocab, BLOCK_ROWS)]
+def _blocks(zt: torch.Tensor):
+    """Row slices of the tile zt [width, c] of about BLOCK_ELEMENTS entries each."""
+    width, c = zt.shape
+    step = max(1, BLOCK_ELEMENTS // max(c, 1))
+    return [slice(v, min(v + step, width)) for v in range(0, width, step)]
 
 
 def _column_max(zt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +225,7 @@ def _partials(zt: torch.Tensor, ys: torch.Tensor, here: torch.Tensor, v0: int, k
     u = zt.sum(0)
     s, t = torch.zeros_like(m), torch.zeros_like(m)
     masked = bool(torch.isinf(u).any())  # some entry is −inf: guard its e·(z − m) = 0·(−inf)
-    for blk in _blocks(vocab):
+    for blk in _blocks(zt):
         x = zt[blk]
         e = torch.exp(x)
         s += e.sum(0)
@@ -243,7 +256,7 @@ def _gradient(zt, ys, here, coefs: RowCoefs, opts: LogitOptions, shift, lo=None,
     if opts.softcap is not None and C is not None:  # s′ at the target, before the tile is overwritten
         z_y = zt.gather(0, ys)[0]
         target_slope = _softcap_slope(z_y if shifted_by is None else z_y + shifted_by, opts)
-    for blk in _blocks(zt.shape[0]):
+    for blk in _blocks(zt):
         x = zt[blk]
         logp = x - shift[None, :]
         if lo is not None:
