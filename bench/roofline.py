@@ -570,8 +570,8 @@ def model_hk_triton(n: int, d: int, v: int, dtype, rates: Rates, tuned: bool = F
 def _cuda_epilogue(opts: LogitOptions, dtype, has_bias: bool, write_back: Optional[bool]) -> tuple[int, int, str]:
     """(bytes per logit of logit_stats, of logit_grad, where the numbers come from) in fused_loss's
     single pass. logit_stats reads the fp32 logit (4) and stores the transformed logit back (4) only
-    when bias, softcap or temperature make it differ from the GEMM output (the vectorised epilogue's
-    rule; ``write_back`` overrides); logit_grad reads it (4) and writes the gradient (2 for half, 4
+    with a softcap (cuda.fused_loss's rule: a bias or temperature alone, logit_grad applies them to
+    the raw tile again; ``write_back`` overrides); logit_grad reads it (4) and writes the gradient (2 for half, 4
     for fp32). When the cuda backend has ``tile_bytes_per_logit(stats, grad_bytes, write_back)``
     its total (which includes cuBLAS's 4-byte fp32 write) is used."""
     from hykernels.backends import cuda as cb
@@ -579,8 +579,8 @@ def _cuda_epilogue(opts: LogitOptions, dtype, has_bias: bool, write_back: Option
     g = 4 if _dtype_name(dtype) == "float32" else 2
     given = write_back is not None
     if not given:
-        write_back = has_bias or opts.softcap is not None or opts.temperature != 1.0
-    how = "given" if given else "a bias, softcap or temperature ≠ 1 only"
+        write_back = opts.softcap is not None  # cuda.fused_loss: only a softcap is stored back
+    how = "given" if given else "with a softcap only"
     fn = getattr(cb, "tile_bytes_per_logit", None)
     if callable(fn):
         total = int(fn(True, g, write_back))

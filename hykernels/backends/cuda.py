@@ -19,11 +19,12 @@ Tile traffic. The epilogues move the tile in 16-byte vectors, so every row of a 
 16-byte aligned: the workspace's leading dimension is the slice width rounded up to a multiple of
 4 (``_ld``; cuBLAS writes into that padded view in place, ldc = ld), and vocabulary slices start
 at multiples of 4 columns, so the fp32 bias slice is aligned too. The transformed logits
-z = s(x + b)/τ are stored back into the tile only when they differ from the GEMM output (a bias,
-a softcap or τ ≠ 1) and a gradient pass will read them (fused_loss's single pass); with the
-identity transform the GEMM output already is z and both epilogues read it as it is. Decided once
-per call in ``_Inputs`` (``transforms``), passed as logit_stats' ``write_back`` and logit_grad's
-``transformed`` ("the tile holds z").
+z = s(x + b)/τ are stored back into the tile only when a gradient pass will read them
+(fused_loss's single pass) and forming them again costs more than 8 bytes of traffic per logit:
+with a softcap (a tanh and a division). With the identity transform the GEMM output already is z;
+with a bias or τ ≠ 1 alone logit_grad applies them again to the raw tile (an add and a multiply).
+Decided in ``_Inputs`` (``transforms``) and fused_loss, passed as logit_stats' ``write_back`` and
+logit_grad's ``transformed`` ("the tile holds z").
 
 HBM bytes per logit for the GEMM's fp32 output and the epilogues (``tile_bytes_per_logit``;
 g = 2 for bf16/fp16 gradients, 4 for fp32; the operands H, W and the gradient GEMMs' reads of G
@@ -32,8 +33,9 @@ are not counted; the bias slice, read from L2 by every row, adds about 4/rows):
     case                                          before (scalar)   now
     fused_loss, identity transform, bf16          18                14   (4 + 4 + 4 + 2)
     fused_loss, identity transform, fp32          20                16
-    fused_loss, bias/softcap/τ ≠ 1, bf16          18                18   (4 + 4 + 4 + 4 + 2)
-    fused_loss, bias/softcap/τ ≠ 1, fp32          20                20
+    fused_loss, bias and/or τ ≠ 1, bf16           18                14   (the transform applied twice)
+    fused_loss, softcap, bf16                     18                18   (4 + 4 + 4 + 4 + 2)
+    fused_loss, softcap, fp32                     20                20
     fused_loss, no gradient needed                12                8    (4 + 4)
     token_stats (statistics only)                 8                 8    (4 + 4)
     token_stats backward (recomputed tile), bf16  10                10   (4 + 4 + 2)
@@ -429,9 +431,11 @@ def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
                      torch.empty(x.n, **f32))
     chunks = x.chunks()
     losses = torch.empty(len(chunks), **f32)
-    # z goes back into the tile only if it differs from the GEMM output and the gradient reads it;
-    # either way the tile then holds z for logit_grad (transformed = True)
-    write_back = x.transforms and any(needs)
+    # z goes back into the tile only when the gradient reads it and it costs more to form again:
+    # a softcap (a tanh and a division per logit). A bias or τ ≠ 1 alone, logit_grad applies again
+    # to the raw tile (an add and a multiply) instead of 4 more bytes per logit each way.
+    write_back = x.softcap > 0 and any(needs)
+    holds_z = write_back or not x.transforms  # what logit_grad finds in the tile
     lanes = _Lanes(hidden.device, x.rows * x.ld, len(x.chunks()))
     for i, sl in enumerate(chunks):
         stream, work = lanes.next()
@@ -446,7 +450,7 @@ def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
             for dst, src in zip(out, stats):
                 dst[sl].copy_(src)
             if any(needs):
-                g, scale = x.grad(tile, sl, vs, True, stats.lse, lse_lo, coefs)  # the tile holds z
+                g, scale = x.grad(tile, sl, vs, holds_z, stats.lse, lse_lo, coefs)
                 grads.add(lanes, stream, g, scale, sl, vs)
     lanes.close()
     return losses.sum(), out, *grads.result()
