@@ -89,11 +89,10 @@ def checks_off(request):
 
 
 def _small_tiles(monkeypatch, budget):
-    """A workspace of ``budget`` bytes for the tile alone, and elementwise blocks of 100 entries
-    (several per tile, the last one ragged)."""
+    """A workspace of ``budget`` bytes, and elementwise blocks of 100 entries (several per tile,
+    the last one ragged)."""
     monkeypatch.setattr(tc, "MIN_TILE_BYTES", budget)
     monkeypatch.setattr(tc, "TILE_BYTES", budget)
-    monkeypatch.setattr(tc, "TEMP_BLOCKS", 0)
     monkeypatch.setattr(tc, "BLOCK_ELEMENTS", 100)
 
 
@@ -145,7 +144,7 @@ def test_fused_loss_paths_match_the_reference(rng, monkeypatch, dtype, options, 
         monkeypatch.setattr(tc, "token_stats_backward", lambda *a: calls.append(1) or real(*a))
     else:
         monkeypatch.setattr(tc, "FUSED_MIN_ROWS", 4)
-        _small_tiles(monkeypatch, 10 * 103 * 4)  # 10 whole rows: chunks of 10, 10, 10, 7
+        _small_tiles(monkeypatch, 10 * 103 * 4)  # 10 whole rows fit: chunks of 8, 8, 8, 8, 5
     h, w, b, y, kw = _problem(rng, dtype, options)
     t = {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in TERMS[terms](len(y), rng).items()}
     ours = _loss_and_grads("torch_chunked", h, w, b, y, kw, t)
@@ -203,22 +202,20 @@ def test_blockwise_argmax_is_torch_max(rng, vocab):
 
 
 def test_plan_at_the_benchmark_shapes():
-    """fused_loss keeps whole rows (its 6·N·D·V pass); token_stats takes 1024-row tiles by a
-    vocabulary slice where few whole rows fit; 2·N·D bytes (torch's default) bound the tile and the
-    elementwise temporaries together."""
+    """fused_loss keeps whole rows (its 6·N·D·V pass), a multiple of 8 of them; token_stats takes
+    1024-row tiles by a vocabulary slice where few whole rows fit; 2·N·D bytes (torch's default)
+    bound the tile."""
     o = LogitOptions()
-    temps = tc.TEMP_BLOCKS * tc.BLOCK_ELEMENTS * 4
-    assert tc.tile_bytes(8192, 1024) == 16 * 2**20 - temps
-    rows = (16 * 2**20 - temps) // (32768 * 4)
-    assert tc.plan(8192, 32768, 1024, o, 4, whole_rows=True) == (rows, 32768) and 100 < rows < 128
-    assert tc.plan(8192, 32768, 1024, o, 4) == (1024, (16 * 2**20 - temps) // 4096 // 64 * 64)
-    assert tc.plan(8192, 32768, 1024, o, 6)[0] == 1024  # bf16: fp32 tile + its bf16 copy, 6 B per entry
-    assert tc.plan(2048, 151936, 1024, o, 4, whole_rows=True)[0] < tc.FUSED_MIN_ROWS  # fused_loss recomputes
-    assert tc.plan(2048, 151936, 1024, o, 4)[0] == 1024
+    assert tc.plan(8192, 32768, 1024, o, 4, whole_rows=True) == (128, 32768)  # 16 MiB, as torch's 128 rows
+    assert tc.plan(8192, 32768, 1024, o, 4) == (1024, 4096)
+    assert tc.plan(8192, 32768, 1024, o, 6) == (1024, 2688)  # bf16: fp32 tile + its bf16 copy, 6 B per entry
+    assert tc.plan(8192, 30000, 1024, o, 4, whole_rows=True) == (136, 30000)  # 139 fit: a multiple of 8
+    assert tc.plan(2048, 151936, 1024, o, 4, whole_rows=True) == (6, 151936)  # < FUSED_MIN_ROWS: recompute
+    assert tc.plan(2048, 151936, 1024, o, 4) == (1024, 1024)
     assert tc.plan(300, 1000, 64, o, 4) == (300, 1000)  # the 4 MiB floor holds every row
     assert tc.plan(300, 1000, 64, LogitOptions(chunk_size=7), 4) == (7, 1000)
     # elementwise blocks of about BLOCK_ELEMENTS entries, whatever the tile's width
-    for shape in ((32768, 116), (3712, 1024), (103, 37)):
+    for shape in ((32768, 128), (4096, 1024), (103, 37)):
         blocks = tc._blocks(torch.empty(shape))
         assert blocks[0].start == 0 and blocks[-1].stop == shape[0]
         assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))

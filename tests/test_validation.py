@@ -141,19 +141,19 @@ def test_chunked_backend_never_holds_more_than_one_chunk(monkeypatch):
 
 def test_default_chunk_bounds_the_tile():
     """The tile stays within half the hidden states' fp32 bytes (2·N·D, torch's chunked
-    linear_cross_entropy's default), clamped to [MIN_TILE_BYTES, TILE_BYTES], and a chunk is at
-    least one row."""
+    linear_cross_entropy's default), clamped to [MIN_TILE_BYTES, TILE_BYTES], a chunk is a
+    multiple of ROW_ALIGN rows when more fit, and at least one row."""
     from hykernels._types import LogitOptions
 
     tc = torch_chunked
     for n, d, v in ((10**6, 4096, 151936), (8192, 1024, 32768), (2048, 1024, 151936), (300, 64, 1000)):
         rows = tc.chunk_rows(n, v, d, LogitOptions())
         budget = max(tc.MIN_TILE_BYTES, min(tc.TILE_BYTES, 2 * n * d))
-        tile = tc.tile_bytes(n, d)
-        assert tile <= budget and 1 <= rows <= n and (rows * v * 4 <= tile or rows == 1)
-        assert rows == n or (rows + 1) * v * 4 > tile  # as many rows as fit
-    # 16 MiB at the bench shape, as torch's 128-row chunk there: the tile and its temporaries within it
-    assert tc.chunk_rows(8192, 32768, 1024, LogitOptions()) * 32768 * 4 <= 16 * 2**20
+        assert 1 <= rows <= n and (rows * v * 4 <= budget or rows == 1)
+        # as many rows as fit, rounded down to a multiple of ROW_ALIGN
+        assert rows == n or (rows + tc.ROW_ALIGN) * v * 4 > budget
+        assert rows == n or rows < tc.ROW_ALIGN or rows % tc.ROW_ALIGN == 0
+    assert tc.chunk_rows(8192, 32768, 1024, LogitOptions()) == 128  # 16 MiB, as torch's 128-row chunk there
     assert tc.chunk_rows(7, 32768, 64, LogitOptions()) == 7
     assert tc.chunk_rows(100, 1000, 64, LogitOptions(chunk_size=5)) == 5
 
