@@ -1,38 +1,41 @@
-"""Token-chunked PyTorch backend: any device, memory bounded by one chunk's logits tile.
+"""Token-chunked PyTorch backend: any device, memory bounded by one logits tile.
 
-Per chunk of ``rows`` tokens it forms the logits tile, its statistics and, for fused_loss, the
-gradient of the §5 loss in the same pass (6·N·D·V FLOPs; token_stats + its backward recompute the
-tile, 8·N·D·V). What makes it fast is where the time goes besides the three GEMMs, measured on
-a 2-core AVX-512 CPU (bench/results/cpu-*-torch.json sets it beside torch's own chunked
-``F.linear_cross_entropy``):
+fused_loss forms, per chunk of whole rows, the logits tile, its statistics, the §5 coefficients and
+the gradient in the same pass (6·N·D·V FLOPs); token_stats and its backward recompute the tile
+(8·N·D·V), over tiles of TILE_ROWS rows × a vocabulary slice. Beside the three GEMMs per tile, the
+time goes where these choices put it (each measured on a 2-core AVX-512 CPU against torch's own
+chunked ``F.linear_cross_entropy``; bench/results/*-cpu-torch.json has the run):
 
-- **Vocabulary-major tile.** The tile is zᵀ [V, rows] = W·Hᵀ; the gradient GEMMs read it as
-  dH = (Gᵀ)ᵀ·W and dW += Gᵀ·H. With rows ≈ 128, MKL runs W·Hᵀ ~20% faster than H·Wᵀ (torch's
-  layout) and the two gradient GEMMs no slower.
-- **One tile buffer per call,** reused by every chunk (a fresh tile per chunk costs the kernel's
-  page faults and zero-fill on CPU), plus temporaries of about BLOCK_ELEMENTS entries each:
-  the elementwise work streams the tile block by block, so its temporaries stay in cache.
-- **Few elementwise passes.** The max and the first argmax come from block maxima (torch.max
-  with indices costs as much as exp); Σ(z − m), Σe^{z−m} and Σ(z − m)·e^{z−m} are gathered in the
-  one pass that forms the exponentials. When the loss has no entropy term and no softcap (the
-  cross-entropy and GRPO cases), that pass leaves e^{z−m} in the tile and the gradient is one
-  scaling; otherwise the gradient pass forms the exponentials again from z − m.
-- **Half precision.** The logits GEMM runs in fp32 (never rounded to bf16: docs/math.md §1):
-  on CUDA as ``torch.mm(out_dtype=fp32)``, elsewhere on an fp32 copy of W made once per call
-  (torch's chunked CE on CPU does the same). The gradient GEMMs run in bf16 where the device has
-  fast bf16 dot products (CUDA; CPUs with AVX512-BF16 or AMX, where they are ~2.3× fp32's),
-  otherwise in fp32; fp16 runs its gradient GEMMs in fp16 on CUDA (tiles scaled by a power of
-  two, _grad.fp16_grad_scale) and in fp32 on CPU (no fast fp16 GEMM there).
+- **Vocabulary-major tile.** The tile is zᵀ [V, rows] = W·Hᵀ, and the gradient GEMMs read it as
+  dH = (Gᵀ)ᵀ·W and dW += Gᵀ·H. At ~128 rows MKL runs W·Hᵀ ~20% faster than H·Wᵀ (torch's layout),
+  but only at a multiple of 8 rows (ROW_ALIGN: ~40% slower at 116 or 124).
+- **One tile buffer per call,** reused by every chunk: a fresh tile per chunk costs page faults and
+  the kernel's zero-fill on CPU. The elementwise work streams the tile in blocks of about
+  BLOCK_ELEMENTS entries, so its temporaries stay in cache.
+- **Few elementwise passes.** The max and the first argmax come from block maxima (torch.max with
+  indices costs as much as exp); Σ(z − m), Σe^{z−m} and Σ(z − m)·e^{z−m} are gathered in the pass
+  that forms the exponentials. Without an entropy term and a softcap (cross-entropy, GRPO) that
+  pass leaves e^{z−m} in the tile and the gradient is one scaling; otherwise the gradient pass
+  forms the exponentials again. Temperature is folded into the fp32 rows or the coefficients.
+- **Tiles that keep the GEMMs near peak.** A chunk of few whole rows makes thin GEMMs and a
+  read-modify-write of dW per chunk: token_stats and its backward take 1024 rows by a vocabulary
+  slice instead, and fused_loss recomputes (statistics, then the backward: 8·N·D·V) when fewer
+  than FUSED_MIN_ROWS whole rows fit, as at V=151936 with N=2048.
+- **Half precision.** The logits GEMM runs in fp32 (never rounded to bf16: docs/math.md §1): on
+  CUDA as ``torch.mm(out_dtype=fp32)``, elsewhere on an fp32 copy of W made once per call (as
+  torch's chunked CE does on CPU). The gradient GEMMs run in bf16 where the device has fast bf16
+  dots (CUDA; CPUs with AVX512-BF16 or AMX: ~2.3× fp32 there), else in fp32; fp16 runs them in
+  fp16 on CUDA (tiles scaled by a power of two, _grad.fp16_grad_scale) and in fp32 on CPU.
 
-Memory beyond inputs and outputs: the tile, rows·V·4 bytes (·6 when a bf16 copy of the gradient
-feeds bf16 GEMMs; ·8 for fp64), chosen within ``workspace_bytes`` = half the bytes of the hidden
-states in fp32 (2·N·D: the workspace torch's chunked linear_cross_entropy takes by default, so
-peak memory is no more than torch's at the same shape), clamped to [MIN_TILE_BYTES, TILE_BYTES];
-with TEMP_BLOCKS temporaries of BLOCK_ELEMENTS entries inside that budget; for half inputs off CUDA
-the fp32 copy of W
-(V·D·4, as torch's); fp32 accumulators for dW where the GEMMs are fp32 or the weights fp16
-(bf16 dW is accumulated in place, one rounding per chunk, as torch's chunked CE, Liger and the
-cuda/triton backends do; ``HYKERNELS_FP32_ACCUMULATE=1`` keeps an fp32 accumulator); fp32 db.
+Memory beyond inputs and outputs: the tile within ``workspace_bytes`` = 2·N·D bytes (half the
+hidden states in fp32: the workspace torch's chunked linear_cross_entropy takes by default),
+clamped to [MIN_TILE_BYTES, TILE_BYTES], at 4 bytes per entry (8 for fp64, 6 when a bf16 copy of
+the gradient feeds bf16 GEMMs); TEMP_BLOCKS elementwise temporaries of BLOCK_ELEMENTS entries
+(≤ 1.5 MiB); for half inputs off CUDA the fp32 copy of W (V·D·4, as torch's); an fp32 dW
+accumulator where the gradient GEMMs are fp32 for half weights or the weights are fp16 (bf16 dW
+is accumulated in place, one rounding per chunk, as torch's chunked CE, Liger and the cuda and
+triton backends do; ``HYKERNELS_FP32_ACCUMULATE=1`` keeps an fp32 one); with several vocabulary
+slices and a half dH, an fp32 dH accumulator of one chunk; fp32 db.
 """
 from __future__ import annotations
 
