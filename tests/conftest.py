@@ -43,10 +43,12 @@ def small_blocks(request, monkeypatch):
     its recompute path."""
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     if params.get("backend") == "triton":
+        from triton_tiles import SMALL, WIDE
+
         from hykernels.backends import triton as tb
 
         wide = params.get("shape") == "realistic_vocab"  # 32k vocabulary: wider tiles keep it fast
-        monkeypatch.setattr(tb._configs, "OVERRIDE", tb.Blocks(m=16, n=1024 if wide else 64, k=16, splits=3))
+        monkeypatch.setattr(tb._configs, "OVERRIDE", WIDE if wide else SMALL)
         if params.get("shape") in SLICED_SHAPES:  # a chunk of fp32 logits does not fit: the recompute path
             from cases import SHAPES
 

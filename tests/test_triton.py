@@ -1,4 +1,5 @@
 """Triton-specific checks; the shared correctness suite runs the triton backend too."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,25 +18,43 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton backe
 
 def test_triton_kernels_compile_for_sm80_and_sm90():
     """tests/compile_triton.py builds every candidate of _configs.TABLES that each architecture is
-    offered, spill-free and within its shared memory: one "ok  " line per compile."""
+    offered and every explicit Blocks the tests launch with (tests/triton_tiles.py, INTERPRETER),
+    spill-free and within its shared memory: one "ok  " line per compile. On sm_90a the tuned
+    bf16/fp16 candidates with descriptors issue wgmma and TMA loads in their main loop, and the
+    same check rejects the mma.sync (sm_80) and pointer (cp.async) builds of each kernel's first
+    bf16 candidate."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from triton_tiles import OVERRIDES, tile
+
     from hykernels._types import PRG_VARIANTS
     from hykernels.backends.triton import _configs
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "compile_triton.py")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    # Per candidate: logits_fwd with and without STORE_Z, dw_gemm with and without BETA, the others once;
-    # plain pointers everywhere and tensor descriptors on sm_90. Per dtype and architecture one
-    # grad_inplace; per architecture segment_sum and PRG once per variant.
+    # Per Blocks: logits_fwd with and without STORE_Z, dw_gemm with and without BETA, the others
+    # once; plain pointers everywhere (not for ``tma`` candidates) and descriptors on sm_90 for
+    # bf16/fp16. Per dtype and architecture one grad_inplace; per architecture segment_sum and
+    # PRG once per variant.
     variants = {"logits_fwd": 2, "logits_grad": 1, "dh_gemm": 1, "dw_gemm": 2}
-    expected = 0
+    explicit = {tile(b): b for b in (*OVERRIDES, _configs.INTERPRETER)}.values()
+    expected = hopper = rejected = 0
     for cap in (80, 90):
-        paths = 2 if cap >= 90 else 1
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            expected += sum(n * paths * len(_configs.candidates(k, dtype, cap)) for k, n in variants.items()) + 1
+            half = dtype != torch.float32
+            for kernel, n in variants.items():
+                tuned = _configs.candidates(kernel, dtype, cap)
+                for b in (*tuned, *explicit):
+                    ptr, tma = not b.tma, cap >= 90 and half
+                    expected += n * (ptr + tma)
+                    hopper += n * tma * (b in tuned)
+                rejected += n * (dtype == torch.bfloat16)  # the first candidate's pointer build
+            expected += 1
         expected += 1 + len(PRG_VARIANTS)
     assert r.stdout.count("ok  ") == expected, r.stdout
+    assert r.stdout.count("main loop: HGMMA + TMA") == hopper > 0, r.stdout
+    assert r.stdout.count("main loop rejected: ") == rejected > 0, r.stdout
 
 
 class _Allocations(TorchDispatchMode):
@@ -91,9 +110,11 @@ def test_default_interpreter_blocks_match_reference(rng, monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("splits", [1, 2, 7])
 def test_vocab_splits_merge_exactly(rng, monkeypatch, splits):
+    from triton_tiles import NARROW
+
     from hykernels.backends import triton as tb
 
-    monkeypatch.setattr(tb._configs, "OVERRIDE", tb.Blocks(m=16, n=32, k=16, splits=splits))
+    monkeypatch.setattr(tb._configs, "OVERRIDE", dataclasses.replace(NARROW, splits=splits))
     h = (torch.randn(20, 12, generator=rng) * 5).to(DEVICE)
     w = torch.randn(221, 12, generator=rng).to(DEVICE)
     y = torch.randint(0, 221, (20,), generator=rng).to(DEVICE)

@@ -40,9 +40,11 @@ def _narrow_kernel(X, Y, n, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
 
 @pytest.fixture
 def tb(monkeypatch):
+    from triton_tiles import SMALL
+
     from hykernels.backends import triton as tb
 
-    monkeypatch.setattr(tb._configs, "OVERRIDE", tb.Blocks(m=16, n=64, k=16, splits=3))
+    monkeypatch.setattr(tb._configs, "OVERRIDE", SMALL)
     return tb
 
 
@@ -144,6 +146,35 @@ def test_descriptors_need_alignment(tb):
     assert op is x
 
 
+class _FakeCuda:
+    """What use_descriptors reads of a CUDA tensor: device, dtype, address, strides."""
+
+    def __init__(self, dtype, cols=64, ptr=1 << 20):
+        self.device, self.dtype, self._ptr, self._cols = torch.device("cuda", 0), dtype, ptr, cols
+
+    def data_ptr(self):
+        return self._ptr
+
+    def stride(self, dim=None):
+        return (self._cols, 1) if dim is None else (self._cols, 1)[dim]
+
+    def element_size(self):
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def test_descriptors_on_sm90_for_aligned_half_precision_only(tb, monkeypatch):
+    """Half-precision operands on sm_90 take descriptors when 16-byte aligned; fp32 inputs never
+    (IEEE FMA dots: TMA spilled registers), nor sm_80."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    use = tb._configs.use_descriptors
+    assert use(_FakeCuda(torch.bfloat16), _FakeCuda(torch.bfloat16), _FakeCuda(torch.float32))  # fp32 dW is fine
+    assert not use(_FakeCuda(torch.bfloat16, cols=20), _FakeCuda(torch.bfloat16))  # 40-byte rows
+    assert not use(_FakeCuda(torch.float16, ptr=(1 << 20) + 8))
+    assert not use(_FakeCuda(torch.float32), _FakeCuda(torch.float32))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not use(_FakeCuda(torch.bfloat16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_loss_recomputes_when_a_row_does_not_fit(tb, rng, monkeypatch, dtype):
     """A workspace smaller than one chunk of fp32 logits: fused_loss takes the statistics +
@@ -229,3 +260,34 @@ def test_bf16_stores_round_to_nearest_even():
         y = torch.empty(1000, dtype=dtype, device=DEVICE)
         _narrow_kernel[(1,)](x, y, 1000, BLOCK=1024, UPCAST=interpreting())
         assert torch.equal(y, x.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tuned_128x128_logits_tiles_match_reference(rng, monkeypatch, tmp_path, dtype):
+    """The 128×128 logits candidates of the tables (offered with descriptors on sm_90: the tile
+    is folded into the statistics in two halves, z and the gradient tile leave by TMA stores),
+    launched through the tuned path and run by the interpreter: fused_loss (logits_fwd with
+    STORE_Z), token_stats and its backward (logits_grad) against the reference."""
+    from hykernels.backends.triton import _configs, _tune
+
+    wide = {k: next(b for b in _configs.TABLES[k][0] if b.tma) for k in ("logits_fwd", "logits_grad")}
+    assert all((b.m, b.n) == (128, 128) for b in wide.values())
+    gemm = {k: _configs.TABLES[k][1][:1] for k in ("dh_gemm", "dw_gemm")}  # one candidate: no benchmark
+    monkeypatch.setattr(_configs, "TABLES", {**{k: ((b,), (b,)) for k, b in wide.items()},
+                                             **{k: (t, t) for k, t in gemm.items()}})
+    monkeypatch.setattr(_configs, "OVERRIDE", None)
+    monkeypatch.setattr(_configs, "explicit", lambda device: None)
+    monkeypatch.setattr(_configs, "DESCRIPTORS", True)
+    monkeypatch.setattr(_tune, "device_info", lambda device: _tune.Device("interpreter", 90, 1, cuda=False))
+    monkeypatch.setattr(_tune, "_memory", {})
+    monkeypatch.setenv("HYKERNELS_CACHE_DIR", str(tmp_path))
+    launched = []
+    real = _tune.run
+    monkeypatch.setattr(_tune, "run", lambda kernel, fn, b, *a: launched.append((kernel, b)) or real(kernel, fn, b, *a))
+    h, w, b, y = _problem(rng, 40, 32, 300, dtype)
+    _close(_loss_and_grads("triton", h, w, b, y, chunk_size=16), _loss_and_grads("reference", h, w, b, y), dtype)
+    _close(_stats_grads("triton", h, w, b, y, chunk_size=16), _stats_grads("reference", h, w, b, y), dtype)
+    assert {(k, b) for k, b in launched if k in wide} == set(wide.items())
+    if dtype == torch.float32:  # the argmax of the second half's columns (ties are unlikely in fp32)
+        ours, ref = (hk.token_stats(h, w, y, bias=b, backend=name).argmax for name in ("triton", "reference"))
+        assert torch.equal(ours, ref) and (ref % 128 >= 64).any()

@@ -224,7 +224,8 @@ def _bench_launches():
                               ("token_stats_backward", backward, ("logits_grad", "dh_gemm", "dw_gemm"))):
         splits = tb.split_for(rows, BENCH_V, H200_SMS)[1]
         for kernel in kernels:
-            yield op, kernel, dict(dims, N=rows, num_splits=splits)
+            for tma in (False, True):  # pointers (unaligned shapes) or descriptors (TMA)
+                yield op, kernel, dict(dims, N=rows, num_splits=splits, TMA=tma)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
@@ -266,3 +267,16 @@ def test_grid_matches_the_kernels_tile_order():
     assert _configs.grid("logits_grad", meta) == (2 * math.ceil(1000 / 128),)
     assert _configs.grid("dh_gemm", meta) == (2 * 2,)
     assert _configs.grid("dw_gemm", meta) == (math.ceil(1000 / 64) * 2,)
+
+
+def test_tma_only_candidates_go_to_descriptor_launches_only():
+    """The 128×128 logits tiles are spill-free only with descriptors (TMA stores): never offered
+    to a pointer launch, offered to a descriptor launch at the bench shape."""
+    from hykernels.backends.triton import _configs
+
+    for kernel, rows in (("logits_fwd", 512), ("logits_grad", 1024)):
+        tma_only = [b for b in _configs.candidates(kernel, torch.bfloat16, 90) if b.tma]
+        assert tma_only and not [b for b in _configs.candidates(kernel, torch.bfloat16, 80) if b.tma]
+        named = dict(N=rows, V=BENCH_V, D=BENCH_D, num_splits=66)
+        assert not set(tma_only) & set(_configs.offered(kernel, torch.bfloat16, 90, H200_SMS, dict(named, TMA=False)))
+        assert set(tma_only) <= set(_configs.offered(kernel, torch.bfloat16, 90, H200_SMS, dict(named, TMA=True)))

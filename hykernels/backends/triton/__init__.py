@@ -144,10 +144,12 @@ class _Call:
         m, s, t, u, zy = (torch.empty(splits, rows, **f32) for _ in range(5))
         am = torch.empty(splits, rows, dtype=torch.int32, device=self.device)
         h = self.h[sl]
-        tma = _configs.use_descriptors(h, self.w)
+        kept = None if z is None else z[:, :self.vocab]  # with descriptors: a TMA store, clipped at V
+        tma = _configs.use_descriptors(h, self.w, *(() if kept is None else (kept,)))
         _configs.launch("logits_fwd", logits_fwd, self.dtype, self.device, _configs.operand(h, tma),
-                        _configs.operand(self.w, tma), self.bias,
-                        self.y[sl], z, m, s, t, u, zy, am, rows, self.vocab, self.dim, self.dim, self.dim,
+                        _configs.operand(self.w, tma), self.bias, self.y[sl],
+                        None if kept is None else _configs.operand(kept, tma), m, s, t, u, zy, am, rows,
+                        self.vocab, self.dim, self.dim, self.dim,
                         0 if z is None else z.stride(0), split_width=width, num_splits=splits,
                         STORE_Z=z is not None, TMA=tma, **self.logit_args, **self.flags, **self.dot)
         return Partials(m, s, t, u, zy, am.long(), slice_counts(self.vocab, width, m))
@@ -232,10 +234,10 @@ def token_stats_backward(hidden, weight, bias, targets, opts, lse, lse_lo, coefs
         g, rows_coefs = work[:c, :x.vocab], coefs.rows(sl)
         scale = x.grad_scale(rows_coefs)
         h = x.h[sl]
-        tma = _configs.use_descriptors(h, x.w)
+        tma = _configs.use_descriptors(h, x.w, g)
         x.launch("logits_grad", logits_grad, _configs.operand(h, tma), _configs.operand(x.w, tma),
-                 x.bias, x.y[sl], g, *x.row_args(lse[sl], lse_lo[sl], rows_coefs, scale), c, x.vocab, x.dim,
-                 x.dim, x.dim, g.stride(0), TMA=tma, **x.logit_args, **x.flags)
+                 x.bias, x.y[sl], _configs.operand(g, tma), *x.row_args(lse[sl], lse_lo[sl], rows_coefs, scale),
+                 c, x.vocab, x.dim, x.dim, x.dim, g.stride(0), TMA=tma, **x.logit_args, **x.flags)
         grads.add(g, sl, scale)
     return grads.result()
 

@@ -21,8 +21,10 @@ tiles in every kernel. tests/compile_triton.py compiles every explicit Blocks th
 
 Tensor descriptors (TMA on sm_90+): the kernels take either a host ``TensorDescriptor`` per
 operand or a plain pointer, chosen per launch by ``use_descriptors``: on CUDA devices of compute
-capability ≥ 9 when every operand is 16-byte aligned (base and row stride), as TMA requires;
-plain pointers with int64 offsets and masks everywhere else (sm_80, ragged D, the interpreter).
+capability ≥ 9 for half-precision inputs when every operand is 16-byte aligned (base and row
+stride), as TMA requires; plain pointers with int64 offsets and masks everywhere else (sm_80,
+fp32, ragged D, the interpreter). With descriptors the logits kernels also store through TMA
+(logits_fwd's kept logits Z, logits_grad's gradient tile G).
 Triton ≥ 3.4 has host descriptors (triton.tools.tensor_descriptor), so 3.6 and 3.8+ both do.
 """
 from __future__ import annotations
@@ -48,20 +50,26 @@ class Blocks:
     num_stages: int = 3
     group_m: int = 8  # row blocks that sweep the columns together (grouped order)
     hopper: bool = False  # needs sm_90's shared memory: offered on sm_90+ only
+    tma: bool = False  # spill-free only with tensor descriptors: offered to descriptor launches only
 
 
 # Set to a Blocks to launch every kernel with it instead of the tables (tests: small ragged tiles).
 OVERRIDE: Optional[Blocks] = None
-# The interpreter's per-operation cost dominates: large tiles keep the CPU tests fast.
-INTERPRETER = Blocks(m=64, n=512, k=64)
+# The interpreter's cost is per operation and per program: wide tiles keep the CPU tests fast.
+# It is compiled too (tests/compile_triton.py), so it is a tile a GPU can run: 64×512×64 was not
+# (dh_gemm's 512-deep K step needed 256 KB of shared memory in fp32, and a 64×512 logits tile is
+# 128 accumulator registers per thread). The same tile as tests/triton_tiles.py's WIDE, whose
+# comment says why 16 warps.
+INTERPRETER = Blocks(m=16, n=256, k=32, num_warps=16)
 # Tensor descriptors: None = wherever they work (see use_descriptors); True/False forces them
 # (True under the interpreter: tests run the descriptor path on the CPU).
 DESCRIPTORS: Optional[bool] = None
 
 # Candidate tables, per kernel and operand width. Every entry compiles without register spills
-# and within shared memory for sm_80 and sm_90a, with plain pointers and (sm_90) descriptors, for
-# bf16, fp16 and fp32, at triton 3.4, 3.6 and 3.9 (tests/compile_triton.py; its docstring lists
-# the variants). Registers, not shared memory, bound these kernels: at 8 warps an m×n fp32 tile
+# and within shared memory for sm_80 and sm_90a, with plain pointers and (sm_90, half precision)
+# descriptors, for bf16, fp16 and fp32, at triton 3.4, 3.6 and 3.9 (tests/compile_triton.py; its
+# docstring lists the variants); ``hopper`` entries for sm_90a only, ``tma`` ones with
+# descriptors only. Registers, not shared memory, bound these kernels: at 8 warps an m×n fp32 tile
 # is m·n/256 accumulator registers per thread, and an epilogue that keeps more tiles of that size
 # live (the logits' exponentials and running statistics; dW's old tile and its 64-bit addresses)
 # spills past ~32 of them. 16 warps do not help: 512 threads get at most 128 registers each, and
@@ -90,23 +98,31 @@ _HALF_DW = (
     Blocks(128, 128, 64, num_warps=8, num_stages=5, hopper=True),
     Blocks(64, 128, 64, num_warps=4, num_stages=4),
 )
-# logits_fwd's epilogue holds the logits tile, its exponentials and running statistics at once:
-# 128×128 and 64×256 at 8 warps spill with STORE_Z (40-590 B on sm_90, 630-1400 B on sm_80), so
-# its tiles are 32 logits per thread: 128×64 (the 128-row tile, a 64×64 wgmma per warpgroup) and
-# 64×128. 128×64 spills 8-24 B on sm_80 with BLOCK_K 64 at triton 3.4 and with 4 or 5 stages at
+# logits_fwd's epilogue holds the logits tile, its exponentials and running statistics at once.
+# 128×64 (the 128-row tile, a 64×64 wgmma per warpgroup) and 64×128 hold 32 logits per thread;
+# they read operands at m·n/(m+n) = 42.7 FLOP per byte in half precision (L2-bound). 128×128
+# (64 FLOP per byte) fits on sm_90 with descriptors only: there the kept logits leave through a
+# TMA store (no 64-bit address per logit) and the tile is folded into the statistics in two
+# 128×64 halves; spill-free at triton 3.4, 3.6 and 3.9. With pointers it still spills with
+# STORE_Z (12-144 B on sm_90, 220-1264 B on sm_80), as does 64×256 with descriptors (88 B at
+# 3.6). 128×64 spills 8-24 B on sm_80 with BLOCK_K 64 at triton 3.4 and with 4 or 5 stages at
 # 3.6: BLOCK_K 32 and 3 stages for it.
 _HALF_FWD = (
     Blocks(128, 64, 32, num_warps=8, num_stages=3),
     Blocks(64, 128, 64, num_warps=8, num_stages=3),
     Blocks(64, 128, 64, num_warps=8, num_stages=4),
     Blocks(64, 128, 32, num_warps=8, num_stages=3),
+    Blocks(128, 128, 64, num_warps=8, num_stages=3, hopper=True, tma=True),  # 160 KB with STORE_Z
 )
-# logits_grad: 128×128 fits 255 registers at triton 3.9 but spills 16-72 B at 3.4 and 3.6 (sm_90;
-# also sm_80 at 3.4), and 64×256 spills 8-12 B at 3.4: 128×64 and 64×128.
+# logits_grad: 128×128 spills with pointers (16-72 B on sm_90 at 3.4 and 3.6, also sm_80 at 3.4)
+# and 64×256 spills 8-12 B at 3.4, so 128×64 and 64×128 (42.7 FLOP per operand byte); 128×128
+# (64 FLOP per byte) with descriptors on sm_90, where the gradient tile leaves by a TMA store:
+# spill-free at 3.4, 3.6 and 3.9.
 _HALF_GRAD = (
     Blocks(128, 64, 64, num_warps=8, num_stages=3),
     Blocks(128, 64, 64, num_warps=8, num_stages=4),
     Blocks(64, 128, 32, num_warps=8, num_stages=3),
+    Blocks(128, 128, 64, num_warps=8, num_stages=3, hopper=True, tma=True),
 )
 # fp32 dots are IEEE FMA loops (no tensor cores), register-bound: small tiles only, and ptxas
 # settles some of them at 80-128 registers with a few bytes spilled. Each kernel pair has two
@@ -141,10 +157,17 @@ def explicit(device: torch.device) -> Optional[Blocks]:
     return INTERPRETER if device.type != "cuda" else None
 
 
-def candidates(kernel: str, dtype: torch.dtype, capability: int) -> tuple[Blocks, ...]:
+def candidates(kernel: str, dtype: torch.dtype, capability: int, descriptors: bool = True) -> tuple[Blocks, ...]:
+    """The table entries of ``kernel`` for inputs of ``dtype`` on sm_``capability``; without
+    ``descriptors`` (pointer operands) those marked ``tma`` are left out."""
     half, fp32 = TABLES[kernel]
     table = fp32 if dtype == torch.float32 else half
-    return tuple(b for b in table if capability >= 90 or not b.hopper)
+    return tuple(b for b in table if (capability >= 90 or not b.hopper) and (descriptors or not b.tma))
+
+
+def launch_options(b: Blocks) -> dict:
+    """The compile options of Blocks ``b``: warps and pipeline stages."""
+    return dict(num_warps=b.num_warps, num_stages=b.num_stages)
 
 
 def _meta(kernel: str, b: Blocks) -> dict:
@@ -180,7 +203,7 @@ def offered(kernel: str, dtype: torch.dtype, capability: int, sms: int, named: d
     kernel: dh_gemm's 128×256 tile makes 64 programs of a 512-row chunk at D=4096."""
     from ._tune import rows_bucket
 
-    table = candidates(kernel, dtype, capability)
+    table = candidates(kernel, dtype, capability, bool(named.get("TMA")))
     at = dict(named, N=rows_bucket(named["N"]))
     size = {b: grid(kernel, {**at, **_meta(kernel, b)})[0] for b in table}
     need = min(sms, max(size.values()))
@@ -189,8 +212,8 @@ def offered(kernel: str, dtype: torch.dtype, capability: int, sms: int, named: d
 
 # Per kernel: descriptor argument -> the constexprs that give its block shape.
 DESCRIPTOR_BLOCKS = {
-    "logits_fwd": {"H": ("BLOCK_M", "BLOCK_K"), "W": ("BLOCK_N", "BLOCK_K")},
-    "logits_grad": {"H": ("BLOCK_M", "BLOCK_K"), "W": ("BLOCK_N", "BLOCK_K")},
+    "logits_fwd": {"H": ("BLOCK_M", "BLOCK_K"), "W": ("BLOCK_N", "BLOCK_K"), "Z": ("BLOCK_M", "BLOCK_N")},
+    "logits_grad": {"H": ("BLOCK_M", "BLOCK_K"), "W": ("BLOCK_N", "BLOCK_K"), "G": ("BLOCK_M", "BLOCK_N")},
     "dh_gemm": {"G": ("BLOCK_M", "BLOCK_K"), "W": ("BLOCK_K", "BLOCK_N"), "DH": ("BLOCK_M", "BLOCK_N")},
     "dw_gemm": {"G": ("BLOCK_K", "BLOCK_M"), "H": ("BLOCK_K", "BLOCK_N"), "DW": ("BLOCK_M", "BLOCK_N")},
 }
@@ -206,10 +229,16 @@ def _set_descriptor_blocks(kernel: str, nargs: dict) -> None:
 
 
 def use_descriptors(*tensors: torch.Tensor) -> bool:
+    """Whether a launch on these operands (the first one an input: its dtype is the kernel's)
+    takes tensor descriptors. Not for fp32 inputs: their dots are IEEE FMA loops (no tensor
+    cores, ~15× below the half-precision rate), so TMA saves nothing that matters, and reading
+    an FMA dot's operands from the TMA's swizzled shared layout spills registers at tiles the
+    pointer path compiles cleanly (dh_gemm at 16×32×256: 1132 B; dw_gemm at 512×32×16: 1084 B;
+    logits_fwd at 16×512×32: 840-904 B; triton 3.9, sm_90a)."""
     if DESCRIPTORS is not None:
         return DESCRIPTORS
     t0 = tensors[0]
-    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+    if t0.device.type != "cuda" or t0.dtype == torch.float32 or torch.cuda.get_device_capability(t0.device)[0] < 9:
         return False
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (triton ≥ 3.4)
@@ -237,8 +266,7 @@ def launch(kernel: str, jit_fn, dtype: torch.dtype, device: torch.device, *args,
         meta = explicit_meta(kernel, b)
         named = dict(zip(jit_fn.arg_names, args), **kwargs, **meta)
         _set_descriptor_blocks(kernel, named)
-        opts = dict(num_warps=b.num_warps, num_stages=b.num_stages) if device.type == "cuda" else {}
-        jit_fn[grid(kernel, named)](*args, **kwargs, **meta, **opts)
+        jit_fn[grid(kernel, named)](*args, **kwargs, **meta, **(launch_options(b) if device.type == "cuda" else {}))
         return meta
     from . import _tune
 

@@ -187,9 +187,9 @@ def run(kernel: str, jit_fn, b: Blocks, dev: Device, args, kwargs) -> dict:
     meta = _configs._meta(kernel, b)
     named = {**dict(zip(jit_fn.arg_names, args)), **kwargs, **meta}
     _configs._set_descriptor_blocks(kernel, named)
-    opts = dict(num_warps=b.num_warps, num_stages=b.num_stages) if dev.cuda else {}
-    jit_fn[_configs.grid(kernel, named)](*args, **kwargs, **meta, **opts)
-    return dict(meta, num_warps=b.num_warps, num_stages=b.num_stages)
+    opts = _configs.launch_options(b)
+    jit_fn[_configs.grid(kernel, named)](*args, **kwargs, **meta, **(opts if dev.cuda else {}))
+    return dict(meta, **opts)
 
 
 def _restored(kernel: str, named: dict) -> list[torch.Tensor]:
