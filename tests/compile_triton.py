@@ -44,7 +44,10 @@ kernel's first bf16 candidate: a check that accepted them would prove nothing (t
 "rejected").
 
 The compiles run in a process pool, one worker per CPU core (triton's compile is
-single-threaded). Works with triton 3.4 (host tensor descriptors appear there) through 3.9.
+single-threaded): 312 compiles at the current tables and test tiles (144 of them the explicit
+test tiles), 160 s from a cold cache on this 2-core CI machine at triton 3.9 (82 s before the
+test tiles and the main-loop check). Works with triton 3.4 (host tensor descriptors appear
+there) through 3.9.
 """
 import multiprocessing
 import os
