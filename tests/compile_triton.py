@@ -24,8 +24,9 @@ What is compiled, one line printed per compile:
   (TMA=True, host TensorDescriptor arguments whose block shapes come from
   _configs.DESCRIPTOR_BLOCKS, the logits kernels' outputs Z and G included) on sm_90 for bf16
   and fp16, where the backend uses them (_configs.use_descriptors: not for fp32).
-- grad_inplace at GRAD_INPLACE (BLOCK_R = m, BLOCK_V = n, its num_warps) per dtype, and the
-  segment kernels at the blocks the backend launches, PRG once per variant.
+- grad_inplace at GRAD_INPLACE and at each explicit Blocks (grad_inplace_blocks: BLOCK_R = m,
+  BLOCK_V = n, at most 8 warps, as fused_loss launches it) per dtype, and the segment kernels at the blocks the
+  backend launches, PRG once per variant.
 
 Arguments are specialized as the JIT does at aligned shapes: pointers, D and the row strides
 divisible by 16 (the benchmark shapes are), so loads vectorize as they do on the GPU.
@@ -44,10 +45,10 @@ kernel's first bf16 candidate: a check that accepted them would prove nothing (t
 "rejected").
 
 The compiles run in a process pool, one worker per CPU core (triton's compile is
-single-threaded): 312 compiles at the current tables and test tiles (144 of them the explicit
-test tiles), 160 s from a cold cache on this 2-core CI machine at triton 3.9 (82 s before the
-test tiles and the main-loop check). Works with triton 3.4 (host tensor descriptors appear
-there) through 3.9.
+single-threaded): 330 compiles at the current tables and test tiles (162 of them at the
+explicit test tiles), about 160 s from a cold cache on this 2-core CI machine at triton 3.9
+(82 s before the test tiles and the main-loop check). Works with triton 3.4 (host tensor
+descriptors appear there) through 3.9.
 """
 import multiprocessing
 import os
@@ -73,7 +74,8 @@ import torch  # noqa: E402
 from hykernels._grad import FP32_ACCUMULATE  # noqa: E402
 from hykernels._types import PRG_VARIANTS  # noqa: E402
 from hykernels.backends.triton import (GRAD_INPLACE, PRG_BLOCK, PRG_LAUNCH, SEGMENT_BLOCK, _configs,  # noqa: E402
-                                      _grad_gemm, _logits_fwd, _logits_grad, _segment_kernels)
+                                      _grad_gemm, _logits_fwd, _logits_grad, _segment_kernels,
+                                      grad_inplace_blocks)
 from kernel_asm import PTX, SASS, main_loop  # noqa: E402
 from triton_tiles import OVERRIDES, tile  # noqa: E402
 
@@ -154,11 +156,12 @@ def jobs():
                     yield from _lm_head(dtype, cap, kernel, b, _configs._meta(kernel, b), "", control)
                 for b in explicit_tiles():
                     yield from _lm_head(dtype, cap, kernel, b, _configs.explicit_meta(kernel, b), "explicit")
-        g = GRAD_INPLACE
-        for cap in ARCHS:
-            yield (f"grad_inplace {dtype} sm_{cap} {g.m}x{g.n} w{g.num_warps}", "grad_inplace", dtype, cap,
-                   dict(HAS_SOFTCAP=True, BLOCK_R=g.m, BLOCK_V=g.n, UPCAST=False), {}, dict(num_warps=g.num_warps),
-                   None)
+        # fused_loss launches grad_inplace at GRAD_INPLACE, or at an explicit Blocks' m rows × n columns
+        for g, tag in ((GRAD_INPLACE, ""), *((grad_inplace_blocks(b), "explicit") for b in explicit_tiles())):
+            for cap in ARCHS:
+                name = " ".join(filter(None, ("grad_inplace", dtype, f"sm_{cap}", tag, f"{g.m}x{g.n} w{g.num_warps}")))
+                yield (name, "grad_inplace", dtype, cap, dict(HAS_SOFTCAP=True, BLOCK_R=g.m, BLOCK_V=g.n, UPCAST=False),
+                       {}, dict(num_warps=g.num_warps), None)
     for cap in ARCHS:
         yield f"segment_sum fp32 sm_{cap}", "segment_sum", "fp32", cap, dict(BLOCK=SEGMENT_BLOCK), {}, {}, None
         for i, variant in enumerate(PRG_VARIANTS):

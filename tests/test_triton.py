@@ -35,8 +35,8 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     assert r.returncode == 0, r.stdout + r.stderr
     # Per Blocks: logits_fwd with and without STORE_Z, dw_gemm with and without BETA, the others
     # once; plain pointers everywhere (not for ``tma`` candidates) and descriptors on sm_90 for
-    # bf16/fp16. Per dtype and architecture one grad_inplace; per architecture segment_sum and
-    # PRG once per variant.
+    # bf16/fp16. Per dtype and architecture grad_inplace at GRAD_INPLACE and at each explicit
+    # tile; per architecture segment_sum and PRG once per variant.
     variants = {"logits_fwd": 2, "logits_grad": 1, "dh_gemm": 1, "dw_gemm": 2}
     explicit = {tile(b): b for b in (*OVERRIDES, _configs.INTERPRETER)}.values()
     expected = hopper = rejected = 0
@@ -50,7 +50,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
                     expected += n * (ptr + tma)
                     hopper += n * tma * (b in tuned)
                 rejected += n * (dtype == torch.bfloat16)  # the first candidate's pointer build
-            expected += 1
+            expected += 1 + len(explicit)  # grad_inplace at GRAD_INPLACE and at each explicit tile
         expected += 1 + len(PRG_VARIANTS)
     assert r.stdout.count("ok  ") == expected, r.stdout
     assert r.stdout.count("main loop: HGMMA + TMA") == hopper > 0, r.stdout

@@ -64,6 +64,15 @@ PAD = 8  # workspace rows are padded to a multiple of this many entries: 16-byte
 GRAD_INPLACE = Blocks(m=1, n=4096, k=0, num_warps=8)
 
 
+def grad_inplace_blocks(explicit: Optional[Blocks]) -> Blocks:
+    """The Blocks grad_inplace runs at: GRAD_INPLACE, or an explicit Blocks' m rows × n columns
+    with at most GRAD_INPLACE's warps (an elementwise pass; at 16 warps, a 16×256 block spilled
+    4 B at triton 3.4). tests/compile_triton.py compiles what this returns."""
+    if explicit is None:
+        return GRAD_INPLACE
+    return Blocks(m=explicit.m, n=explicit.n, k=0, num_warps=min(explicit.num_warps, GRAD_INPLACE.num_warps))
+
+
 def availability(device: torch.device) -> Optional[str]:
     try:
         import triton  # noqa: F401
@@ -278,7 +287,7 @@ def fused_loss(hidden, weight, bias, targets, opts, terms: LossTerms, needs):
         if any(needs):
             scale = x.grad_scale(coefs)
             g = _gradient_view(work, c, x.vocab, x.dtype)
-            b = _configs.explicit(x.device) or GRAD_INPLACE
+            b = grad_inplace_blocks(_configs.explicit(x.device))
             launch = dict(num_warps=b.num_warps) if x.device.type == "cuda" else {}
             grad_inplace[(math.ceil(c / b.m),)](
                 z, g, x.y[sl], *x.row_args(stats.lse, lse_lo, coefs, scale), c, x.vocab, z.stride(0), g.stride(0),
