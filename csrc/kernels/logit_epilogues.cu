@@ -57,6 +57,22 @@ __device__ __forceinline__ float4 transform4(float4 x, float4 b, const LogitTran
 }
 
 // The row's target column in this slice, or −1 when its target (a global id, −1 = none) is not here.
+// One step's loads of the vector loops: kUnroll float4s of the row (and of the bias, when there is
+// one) per thread, all issued before the first is used (2·kUnroll loads in flight). A full step
+// (the main loop) loads unconditionally; the last, partial one checks each index against n4.
+template <bool kFull>
+__device__ __forceinline__ void load_step(const float4* z4, const float4* b4, int base, int n4,
+                                          float4 (&v)[kUnroll], float4 (&b)[kUnroll]) {
+#pragma unroll
+  for (int i = 0; i < kUnroll; ++i) {
+    const int k = base + i * kThreads + threadIdx.x;
+    if (kFull || k < n4) {
+      v[i] = z4[k];
+      b[i] = b4 != nullptr ? __ldg(b4 + k) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+}
+
 __device__ __forceinline__ int local_target(const int64_t* targets, int64_t col0, int cols) {
   const int64_t y = targets[blockIdx.x] - col0;
   return (y >= 0 && y < cols) ? static_cast<int>(y) : -1;
@@ -190,19 +206,11 @@ __global__ void __launch_bounds__(kThreads) logit_stats_kernel(
     float4* z4 = reinterpret_cast<float4*>(z);
     const float4* b4 = reinterpret_cast<const float4*>(tf.bias);
     const int n4 = cols / kVec;
-    // One step: kUnroll float4s per thread, all loaded (bias: 2·kUnroll loads in flight) before the
-    // first is used. Full steps load unconditionally (the main loop); the last, partial one checks.
+    // One step: kUnroll float4s per thread, all loaded (load_step) before the first is used.
     const auto step = [&](int base, auto full) {
       constexpr bool kFull = decltype(full)::value;
       float4 v[kUnroll], b[kUnroll];
-#pragma unroll
-      for (int i = 0; i < kUnroll; ++i) {
-        const int k = base + i * kThreads + threadIdx.x;
-        if (kFull || k < n4) {
-          v[i] = z4[k];
-          b[i] = b4 != nullptr ? __ldg(b4 + k) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-      }
+      load_step<kFull>(z4, b4, base, n4, v, b);
 #pragma unroll
       for (int i = 0; i < kUnroll; ++i) {
         const int k = base + i * kThreads + threadIdx.x;
@@ -306,20 +314,12 @@ __global__ void __launch_bounds__(kThreads) logit_grad_kernel(
       const float x = transformed ? z[tail] : transform_at(z[tail], tail, tf);
       tail_g = grad(x, tail == y);
     }
-    // One step: kUnroll float4s per thread, all loaded (bias: 2·kUnroll loads in flight) before the
-    // first is used, then (narrow output) a barrier, then the stores. Full steps load
-    // unconditionally (the main loop); the last, partial one checks.
+    // One step: kUnroll float4s per thread, all loaded (load_step) before the first is used, then
+    // (narrow output) a barrier, then the stores.
     const auto step = [&](int base, auto full) {
       constexpr bool kFull = decltype(full)::value;
       float4 v[kUnroll], b[kUnroll];
-#pragma unroll
-      for (int i = 0; i < kUnroll; ++i) {
-        const int k = base + i * kThreads + threadIdx.x;
-        if (kFull || k < n4) {
-          v[i] = z4[k];
-          b[i] = b4 != nullptr ? __ldg(b4 + k) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-      }
+      load_step<kFull>(z4, b4, base, n4, v, b);
 #pragma unroll
       for (int i = 0; i < kUnroll; ++i) {
         const int k = base + i * kThreads + threadIdx.x;
