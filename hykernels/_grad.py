@@ -106,7 +106,9 @@ def loss_coefficients(
         g_ratio = g_ratio - torch.where(ratio * adv <= clipped * adv, b * adv, zero)
     if terms.kl_weight is not None:  # c·(exp(ref − logp) − (ref − logp) − 1), times ρ with kl_ratio
         c = const(terms.kl_weight)
-        delta = const(terms.ref_logp) - logp
+        # A token without KL weight adds exactly nothing, even where exp(ref − logp) overflows (a
+        # placeholder ref, e.g. 0 on rows that are not rollouts): 0·inf would be NaN.
+        delta = torch.where(c != 0, const(terms.ref_logp) - logp, zero)
         e_delta = torch.exp(delta)
         k3 = e_delta - delta - 1.0
         if terms.kl_ratio:

@@ -4,7 +4,8 @@
   statistics and gradients (no −inf·0 = NaN), including a whole vocabulary split or slice of them;
 - fp16 gradient tiles: small p·coefficient products must not flush to zero;
 - int64 indices in the Triton kernels (offsets past 2³¹);
-- fused_loss's in-place backward, run twice (retain_graph), still scales correctly.
+- fused_loss's in-place backward, run twice (retain_graph), still scales correctly;
+- a token without KL weight contributes nothing even where exp(ref − logp) overflows.
 """
 import math
 
@@ -161,3 +162,30 @@ def test_fused_loss_second_backward_rescales(rng):
     once = h.grad.clone()
     (3.0 * loss).backward()
     assert torch.allclose(h.grad, 7.0 * once, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_kl_weight_ignores_a_far_reference(rng, backend):
+    """Rows that carry no KL term (kl_weight 0: curated traces beside rollouts) with a placeholder
+    ref_logp of 0 and a log-prob below −88 (exp(ref − logp) = inf in fp32): loss and gradients
+    equal those of the same call with those tokens' ref_logp set to their own log-prob (k3 = 0)."""
+    h = (torch.randn(6, 8, generator=rng) * 30).to(DEVICE).requires_grad_()  # large logits: logp ≪ −88
+    w = torch.randn(50, 8, generator=rng).to(DEVICE).requires_grad_()
+    y = torch.tensor([1, 2, 3, 4, 5, 6]).to(DEVICE)
+    logp = hk.token_stats(h.detach(), w.detach(), y, backend=backend).logp
+    assert logp[3:].min() < -88, "the case must overflow exp(0 − logp)"
+    kl_w = torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0, 0.0], device=DEVICE)
+    rl_w = torch.full((6,), 0.1, device=DEVICE)
+    adv = torch.tensor([1.0, -1.0, 0.5, 0.0, 0.0, 0.0], device=DEVICE)
+    near = logp + 0.1  # the rollouts' reference: a real one
+    results = []
+    for far in (torch.zeros(3, device=DEVICE), logp[3:]):  # placeholder 0, or the token's own log-prob
+        ref = torch.cat([near[:3], far])
+        loss, _ = hk.fused_loss(h, w, y, rlif_weight=rl_w, advantages=adv, kl_weight=kl_w, ref_logp=ref,
+                                rd_weight=torch.tensor([0, 0, 0, 1.0, 1.0, 1.0], device=DEVICE) / 3, backend=backend)
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        results.append((loss, gh, gw))
+    (l0, gh0, gw0), (l1, gh1, gw1) = results
+    assert torch.isfinite(l0) and torch.isfinite(gh0).all() and torch.isfinite(gw0).all()
+    assert torch.allclose(l0, l1, rtol=1e-6) and torch.allclose(gh0, gh1, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(gw0, gw1, rtol=1e-5, atol=1e-6)
