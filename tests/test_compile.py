@@ -254,5 +254,6 @@ def test_opcheck_segment_sum_and_prg_token_weights():
     _, y, seq_ids, per_seq = prg_inputs()
     cfg = flat(HyTuningConfig())
     args = (y, seq_ids, per_seq["prg"], per_seq["is_rd"], None, per_seq["rewards"], per_seq["group_ids"])
-    torch.library.opcheck(prg_token_weights, (*args, None, IGN, *cfg))
-    torch.library.opcheck(prg_token_weights, (*args, 0.25, IGN, *cfg))
+    torch.library.opcheck(prg_token_weights, (*args, None, None, IGN, *cfg))
+    torch.library.opcheck(prg_token_weights, (*args, torch.rand(y.shape, generator=g), 0.25, IGN, *cfg))
+    torch.library.opcheck(prg_token_weights, (*args, None, 0.25, IGN, *cfg))

@@ -12,13 +12,14 @@ without breaks: pass its λ to prg_loss (``lam=``) in a compiled step.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 
 from .. import functional as F
-from .._checks import check_sequence_inputs
+from .._checks import _per_token, check_sequence_inputs
 from .._ops import build, distinct, flat, schema_of
 from .._types import LossStats
 from .rewards import GATED_VARIANTS, gate_rewards, group_advantages
@@ -120,7 +121,7 @@ def rlif_advantages(prg, is_rd, config, advantages=None, rewards=None, group_ids
 
 def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, rewards=None, group_ids=None,
              old_logp=None, ref_logp=None, lam: Optional[float] = None, config: Optional[HyTuningConfig] = None,
-             **logit_kwargs):
+             token_norm=None, ppo_scale=None, entropy_norm=None, **logit_kwargs):
     """HyTuning loss of one packed batch (docs/math.md §6), one `fused_loss` call.
 
     RD tokens of sequence i get a_t = λ·w_i/T_RD with w_i = clamp(PRG_i / (mean_RD PRG + ε),
@@ -128,6 +129,12 @@ def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, r
     when old_logp is given), plus kl_coef·b_t and entropy_coef·b_t terms. T_* count target
     tokens; a kind with none contributes nothing. λ = clamp(λ₀ + κ·(mean_RD PRG − mean_RLIF PRG),
     λ_min, λ_max), or 1 (0) for a batch of RD (RLIF) sequences only.
+
+    A trainer with its own normalisation (TRL's ``loss_type``, gradient accumulation) passes it
+    per token: ``token_norm`` replaces 1/T_RD and 1/T_RLIF (a_t = λ·w_i·n_t, b_t = (1 − λ)·n_t),
+    ``ppo_scale`` multiplies the PPO term of RLIF tokens only (an importance-sampling correction,
+    an entropy mask; not the KL), and ``entropy_norm`` replaces b_t in the entropy bonus
+    (e_t = entropy_coef·(1 − λ)·entropy_norm_t).
 
     Args:
         hidden: [..., D] hidden states, as for fused_loss.
@@ -145,8 +152,16 @@ def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, r
         ref_logp: Reference log-probs shaped like targets, for config.kl_coef.
         lam: A mix λ to use instead of the batch's own (HyTuningLoss passes its EMA).
         config: HyTuningConfig (default: HyTuningConfig()).
+        token_norm: Per-token normalisation n_t (a number or a tensor shaped like targets)
+            replacing 1/T_RD and 1/T_RLIF; None: those token means.
+        ppo_scale: Per-token factor (a number or a tensor shaped like targets) on the PPO term
+            of RLIF tokens only; None: 1.
+        entropy_norm: Per-token normalisation of the entropy bonus replacing b_t:
+            e_t = entropy_coef·(1 − λ)·entropy_norm_t; None: e_t = entropy_coef·b_t.
         **logit_kwargs: bias, temperature, softcap, ignore_index, backend, chunk_size and
-            process_group (vocabulary-parallel weight), as for fused_loss.
+            process_group (vocabulary-parallel weight), as for fused_loss; also fused_loss's
+            importance_sampling_level and use_bias_correction_kl (sequences are the rows of
+            targets there: lay out one sequence per row to use "sequence").
 
     Returns:
         A tuple (loss, HyTuningOutput(stats, lam, rd_weights, advantages)).
@@ -158,23 +173,37 @@ def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, r
         TypeError: As fused_loss.
     """
     config = config or HyTuningConfig()
+    token_norm, ppo_scale, entropy_norm = (
+        _per_token_factor(name, value, targets, prg) for name, value in
+        (("token_norm", token_norm), ("ppo_scale", ppo_scale), ("entropy_norm", entropy_norm)))
     rd_tok, rlif_tok, adv_tok, lam, w_rd, adv = prg_token_weights(
-        targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, lam, logit_kwargs.get("ignore_index", -100),
-        *flat(config))
-    terms = dict(rd_weight=rd_tok, rlif_weight=rlif_tok, advantages=adv_tok, old_logp=old_logp,
-                 clip_eps=config.clip_eps)
+        targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, token_norm, lam,
+        logit_kwargs.get("ignore_index", -100), *flat(config))
+    terms = dict(rd_weight=rd_tok, rlif_weight=rlif_tok if ppo_scale is None else rlif_tok * ppo_scale,
+                 advantages=adv_tok, old_logp=old_logp, clip_eps=config.clip_eps)
     if config.kl_coef:
         terms.update(kl_weight=config.kl_coef * rlif_tok, ref_logp=ref_logp)
     if config.entropy_coef:
-        terms.update(entropy_weight=config.entropy_coef * rlif_tok)
+        # (1 − λ) as a tensor op: λ is a 0-dim CPU tensor out of the op, and compiled steps must not read it
+        per_token = rlif_tok if entropy_norm is None else (1.0 - lam).to(entropy_norm) * entropy_norm
+        terms.update(entropy_weight=config.entropy_coef * per_token)
     loss, stats = F.fused_loss(hidden, weight, targets, **terms, **logit_kwargs)
     return loss, HyTuningOutput(stats, lam if torch.compiler.is_compiling() else float(lam), w_rd, adv)
 
 
+def _per_token_factor(name: str, value, targets, prg) -> Optional[torch.Tensor]:
+    """A per-token factor of prg_loss (None, a number or a tensor like targets) as a tensor shaped like targets."""
+    if value is None:
+        return None
+    lead = tuple(targets.shape)
+    return _per_token(name, value, math.prod(lead), lead, targets.device, prg.dtype).reshape(lead)
+
+
 def token_weights(targets, seq_ids, *, prg, is_rd, advantages, rewards, group_ids, lam: Optional[float],
-                  config: HyTuningConfig, ignore_index: int):
+                  config: HyTuningConfig, ignore_index: int, token_norm: Optional[torch.Tensor] = None):
     """prg_loss's constants, validated: (rd_weight, rlif_weight, advantages per token, shaped like
-    targets; λ as a 0-dim fp64 CPU tensor; w [S]; A [S])."""
+    targets; λ as a 0-dim fp64 CPU tensor; w [S]; A [S]). ``token_norm`` (like targets) replaces
+    the token means 1/T_RD and 1/T_RLIF."""
     seqs = check_sequence_inputs(targets, seq_ids, prg=prg, is_rd=is_rd, advantages=advantages,
                                  rewards=rewards, group_ids=group_ids)
     if lam is None:
@@ -186,26 +215,30 @@ def token_weights(targets, seq_ids, *, prg, is_rd, advantages, rewards, group_id
     seq = seq_ids.clamp(min=0)
     has_target = (seq_ids >= 0) & (targets.reshape(seq_ids.shape) != ignore_index)
     tok_rd, tok_rlif = has_target & is_rd[seq], has_target & ~is_rd[seq]
-    t_rd, t_rlif = max(int(tok_rd.sum()), 1), max(int(tok_rlif.sum()), 1)
+    if token_norm is None:
+        norm_rd, norm_rlif = 1.0 / max(int(tok_rd.sum()), 1), 1.0 / max(int(tok_rlif.sum()), 1)
+    else:
+        norm_rd = norm_rlif = token_norm.reshape(seq_ids.shape).to(prg.dtype)
     zero = torch.zeros(seq_ids.shape, dtype=prg.dtype, device=prg.device)
-    return (torch.where(tok_rd, lam * w_rd[seq] / t_rd, zero), torch.where(tok_rlif, (1.0 - lam) / t_rlif, zero),
+    return (torch.where(tok_rd, lam * w_rd[seq] * norm_rd, zero), torch.where(tok_rlif, (1.0 - lam) * norm_rlif, zero),
             torch.where(tok_rlif, adv[seq], zero), torch.tensor(lam, dtype=torch.float64), w_rd, adv)
 
 
 @torch.library.custom_op("hykernels::prg_token_weights", mutates_args=(),
                          schema="(Tensor targets, Tensor seq_ids, Tensor prg, Tensor is_rd, Tensor? advantages, "
-                                "Tensor? rewards, Tensor? group_ids, float? lam, int ignore_index, "
+                                "Tensor? rewards, Tensor? group_ids, Tensor? token_norm, float? lam, int ignore_index, "
                                 f"{schema_of(HyTuningConfig)}) -> (Tensor rd_weight, Tensor rlif_weight, "
                                 "Tensor token_advantages, Tensor lam, Tensor rd_weights, Tensor advantages)")
-def prg_token_weights(targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, lam, ignore_index, *config):
+def prg_token_weights(targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, token_norm, lam, ignore_index,
+                      *config):
     """token_weights as a custom op: torch.compile sees only its output shapes."""
     return distinct(token_weights(targets, seq_ids, prg=prg, is_rd=is_rd, advantages=advantages, rewards=rewards,
                                   group_ids=group_ids, lam=lam, config=build(HyTuningConfig, config),
-                                  ignore_index=ignore_index))
+                                  ignore_index=ignore_index, token_norm=token_norm))
 
 
 @prg_token_weights.register_fake
-def _(targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, lam, ignore_index, *config):
+def _(targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, token_norm, lam, ignore_index, *config):
     adv = prg.dtype if advantages is None else advantages.dtype
     tokens = [prg.new_empty(targets.shape, dtype=dtype) for dtype in (prg.dtype, prg.dtype,
                                                                         torch.promote_types(adv, prg.dtype))]
@@ -240,9 +273,21 @@ class HyTuningLoss(torch.nn.Module):
         """
         seqs = check_sequence_inputs(targets, seq_ids, prg=prg, is_rd=is_rd, advantages=advantages,
                                      rewards=rewards, group_ids=group_ids)
-        step_lam = mix_lambda(seqs.prg, seqs.is_rd, self.config)
-        if self.training and step_lam is not None:
-            self.lam.mul_(self.config.ema).add_((1.0 - self.config.ema) * step_lam)
+        self.update_lambda(seqs.prg, seqs.is_rd)
         return prg_loss(hidden, weight, targets, seq_ids, prg=prg, is_rd=is_rd, advantages=advantages,
                         rewards=rewards, group_ids=group_ids, old_logp=old_logp, ref_logp=ref_logp,
                         lam=float(self.lam), config=self.config, **self.logit_kwargs)
+
+    def update_lambda(self, prg: torch.Tensor, is_rd: torch.Tensor) -> float:
+        """Move λ by one batch's PRG gap, λ ← ema·λ + (1 − ema)·λ_batch, in training mode and when
+        the batch holds both kinds (else λ stays); returns λ. forward calls it; a trainer that
+        weighs several micro-batches with one λ calls it once per batch of sequences.
+
+        Args:
+            prg: [S] PRG per sequence.
+            is_rd: [S] bool, RD trace (True) or RLIF rollout (False).
+        """
+        step_lam = mix_lambda(prg, is_rd, self.config)
+        if self.training and step_lam is not None:
+            self.lam.mul_(self.config.ema).add_((1.0 - self.config.ema) * step_lam)
+        return float(self.lam)
