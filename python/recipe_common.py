@@ -16,9 +16,10 @@ PAD, EOS = 0, 1
 
 
 def char_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
-    """<pad> = 0, <eos> = 1, then one token per character from ' ' (printable ASCII first)."""
-    chars = {chr(32 + i): i + 2 for i in range(vocab_size - 2)}
-    tok = Tokenizer(models.BPE(vocab={"<pad>": PAD, "<eos>": EOS, **chars}, merges=[]))
+    """<pad> = 0, <eos> = 1, newline = 2 (reasoning steps and answer cues hold newlines), then one
+    token per character from ' ' (printable ASCII first)."""
+    chars = {chr(32 + i): i + 3 for i in range(vocab_size - 3)}
+    tok = Tokenizer(models.BPE(vocab={"<pad>": PAD, "<eos>": EOS, "\n": 2, **chars}, merges=[]))
     tok.decoder = decoders.Fuse()  # characters join without spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import os
 import re
@@ -29,7 +30,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PUBLIC_MODULES = ("hykernels", "hykernels.functional", "hykernels.hytuning", "hykernels.metrics",
-                  "hykernels.integrations.transformers", "hykernels.experiment")
+                  "hykernels.integrations.transformers", "hykernels.experiment",
+                  *(("hykernels.integrations.trl",) if importlib.util.find_spec("trl") else ()))  # an optional extra
 
 FENCE = re.compile(r"^(`{3,})\s*([\w+-]*)[^\n]*$")
 SETUP_OPEN = "<!-- test-setup"

@@ -1,0 +1,143 @@
+"""The rows HyTuningTrainer adds to TRL's micro-batches, in plain torch (no TRL import).
+
+A curated trace becomes one row of TRL's layout: its prompt (left-padded, as TRL pads prompts)
+and, as the "completion", reasoning + answer cue + answer + end of sequence, teacher-forced.
+``merge_rows`` appends such rows to a micro-batch TRL built from its rollouts, filling every
+per-row input TRL may carry with the value that leaves a trace out of that input's term.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from ..hytuning import ProbeTrace
+
+TRACE_COLUMNS = ("prompt", "reasoning", "answer")
+
+# TRL's per-row inputs: the fill of trace rows and of the columns a wider batch adds.
+PROMPT_FILL = {"prompt_ids": "pad", "prompt_mask": 0}
+COMPLETION_FILL = {"completion_ids": "pad", "completion_mask": 0, "old_per_token_logps": 0.0,
+                   "ref_per_token_logps": 0.0, "sampling_per_token_logps": 0.0,
+                   "importance_sampling_ratio": 1.0, "tool_mask": 1}
+ROW_FILL = {"advantages": 0.0}
+SHARED = ("num_items_in_batch",)  # the rollouts' token count (dapo): traces do not change it
+
+
+@dataclass
+class TraceRow:
+    """One curated trace as token ids: the trainer's RD row and its PRG probe."""
+
+    prompt: list
+    completion: list  # reasoning + cue + answer + end of sequence
+    probe: ProbeTrace
+
+
+def trace_row(prompt_ids: list, reasoning: list, cue: list, answer: list, eos: int) -> TraceRow:
+    """The RD row of a trace: the answer follows the reasoning after the very cue tokens the probes use."""
+    return TraceRow(list(prompt_ids), list(reasoning) + list(cue) + list(answer) + [eos],
+                    ProbeTrace(list(prompt_ids), list(reasoning), list(answer)))
+
+
+def split_completion(text: str, cue: str, answer_fn: Optional[Callable] = None) -> Optional[tuple]:
+    """(reasoning, answer) of a generated completion, or None without an answer.
+
+    Default: the answer is the text after the first ``cue``, stripped (None when the cue is
+    missing or nothing follows it), the reasoning the text before the cue. With ``answer_fn``
+    the answer is ``answer_fn(text)`` (None: no answer) and the reasoning the text before the
+    first cue, or, without a cue, before the answer's last occurrence (the whole text if the
+    answer does not occur in it).
+    """
+    reasoning, found, tail = text.partition(cue)
+    if answer_fn is None:
+        answer = tail.strip() if found else ""
+        return (reasoning, answer) if answer else None
+    answer = answer_fn(text)
+    if answer is None or not str(answer).strip():
+        return None
+    answer = str(answer).strip()
+    if not found:
+        reasoning = text.rpartition(answer)[0] if answer in text else text
+    return reasoning, answer
+
+
+class TraceSampler:
+    """Draws trace indices without replacement, a fresh seeded permutation per pass over the
+    traces; ``drawn`` (how many so far) is its whole state, so a checkpoint restores it."""
+
+    def __init__(self, num_traces: int, seed: int):
+        self.num_traces, self.seed, self.drawn = num_traces, seed, 0
+
+    def draw(self, k: int) -> list:
+        out = []
+        while len(out) < k:
+            epoch, at = divmod(self.drawn, self.num_traces)
+            order = torch.randperm(self.num_traces, generator=torch.Generator().manual_seed(self.seed + epoch))
+            take = order[at:at + k - len(out)].tolist()
+            out += take
+            self.drawn += len(take)
+        return out
+
+
+def _pad(rows: list, fill, side: str, dtype=torch.long) -> torch.Tensor:
+    return pad_sequence([torch.tensor(r, dtype=dtype) for r in rows], batch_first=True, padding_value=fill,
+                        padding_side=side)
+
+
+def trace_rows(rows: list, prg: torch.Tensor, pad_id: int, device) -> dict:
+    """The per-row inputs of trace rows, as TRL lays out rollouts, plus ``prg`` and ``is_rd``."""
+    n = len(rows)
+    ones = [[1] * len(r.prompt) for r in rows], [[1] * len(r.completion) for r in rows]
+    return dict(prompt_ids=_pad([r.prompt for r in rows], pad_id, "left").to(device),
+                prompt_mask=_pad(ones[0], 0, "left").to(device),
+                completion_ids=_pad([r.completion for r in rows], pad_id, "right").to(device),
+                completion_mask=_pad(ones[1], 0, "right").to(device),
+                advantages=torch.zeros(n, device=device), prg=prg.to(device),
+                is_rd=torch.ones(n, dtype=torch.bool, device=device))
+
+
+def _widen(x: torch.Tensor, width: int, fill, left: bool) -> torch.Tensor:
+    extra = x.new_full((x.shape[0], width - x.shape[1]), fill)
+    return torch.cat([extra, x] if left else [x, extra], 1)
+
+
+def merge_rows(inputs: dict, traces: Optional[dict], pad_id: int) -> dict:
+    """A micro-batch of TRL's rollouts with ``traces`` (trace_rows) appended as further rows.
+
+    Prompts stay left-padded and completions right-padded, to the wider of the two; per-token
+    inputs the traces lack get the value that leaves a trace out of their term: old and
+    reference log-probs 0, under a zero RLIF and KL weight (the ratio exp(logp − 0) ≤ 1 and
+    k3's exp(0 − logp) stay finite while logp > −88), importance ratio and tool mask 1.
+
+    Raises:
+        ValueError: An input whose per-row layout is unknown (a multimodal field).
+    """
+    if traces is None:
+        return inputs
+    widths = {"prompt": max(inputs["prompt_ids"].shape[1], traces["prompt_ids"].shape[1]),
+              "completion": max(inputs["completion_ids"].shape[1], traces["completion_ids"].shape[1])}
+    n, out = traces["prompt_ids"].shape[0], {}
+    for key, value in inputs.items():
+        if key in SHARED or value is None or (isinstance(value, torch.Tensor) and value.dim() == 0):
+            out[key] = value
+            continue
+        part = "prompt" if key in PROMPT_FILL else "completion" if key in COMPLETION_FILL else None
+        if part is None and key not in ROW_FILL and key not in ("prg", "is_rd"):
+            raise ValueError(f"{key}: HyTuningTrainer cannot add curated traces to a batch with this input")
+        if part is None:
+            mine = traces.get(key, value.new_full((n,), ROW_FILL.get(key, 0)))
+            out[key] = torch.cat([value, mine.to(value.dtype)])
+            continue
+        fill = {**PROMPT_FILL, **COMPLETION_FILL}[key]
+        fill = pad_id if fill == "pad" else fill
+        width = widths[part]
+        if value.shape[1] == 1 and part == "completion":  # a sequence-level ratio: one per row
+            value = value.expand(-1, inputs["completion_ids"].shape[1])
+        mine = traces.get(key)
+        if mine is None:
+            mine = value.new_full((n, traces[f"{part}_ids"].shape[1]), fill)
+        left = part == "prompt"
+        out[key] = torch.cat([_widen(value, width, fill, left), _widen(mine.to(value.dtype), width, fill, left)])
+    return out
