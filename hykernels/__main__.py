@@ -1,4 +1,4 @@
-"""Command line: `python -m hykernels demo | info`."""
+"""Command line: `python -m hykernels demo | experiment | train | info`."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,11 @@ def _info() -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # TRL's own parser takes the rest (every trainer config field is a flag)
+        from .train.cli import main as train
+
+        return train(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m hykernels")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="HyTuning end to end: its effect on a tiny model, then the kernels on a real one (CPU, offline)")
@@ -33,6 +38,9 @@ def main(argv=None) -> int:
     from .experiment.run import add_arguments
 
     add_arguments(experiment)
+    sub.add_parser("train", add_help=False,
+                   help='HyTuning on a local model from JSONL traces and queries (needs pip install "hykernels[trl]"); '
+                        'python -m hykernels train --help lists its flags')
     sub.add_parser("info", help="versions and which backends can run here")
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -1,0 +1,99 @@
+"""Accuracy and calibration of a model's own answers to held-out questions (``--eval-queries``).
+
+The model answers each prompt greedily (the prompt tokenized as TRL tokenizes a text prompt). Its
+answer is the text after the first answer cue up to the end of sequence, stripped (as
+HyTuningTrainer reads a rollout's answer), and it is correct when it equals the gold answer,
+stripped. Confidence is exp of the mean log-prob of the answer tokens (the tokens holding the
+answer's text) given the prompt and the response before them (docs/math.md §7). A response
+without the cue, or with nothing after it, is unanswered: wrong for accuracy and left out of the
+calibration metrics, as in the ablation (hykernels/experiment/evaluate.py, whose scoring and
+summary this reuses).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..experiment.evaluate import span_confidence, summarize
+from ..integrations._trl_rows import split_completion
+
+COLUMNS = (("accuracy", "accuracy"), ("answered", "answered"), ("ece", "ECE"), ("brier", "Brier"),
+           ("auroc", "AUROC"), ("mean_confidence", "mean confidence"))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size: int) -> tuple:
+    """(prompt ids, response ids up to and including the end of sequence) per prompt, greedy."""
+    from transformers import GenerationConfig
+
+    if tokenizer.pad_token is None:  # as TRL does
+        tokenizer.pad_token = tokenizer.eos_token
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    device, eos = next(model.parameters()).device, tokenizer.eos_token_id
+    prompt_ids, responses = [], []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="left")
+        out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                             generation_config=config)
+        width = enc["input_ids"].shape[1]
+        for ids, mask, row in zip(enc["input_ids"], enc["attention_mask"], out[:, width:].tolist()):
+            prompt_ids.append(ids[mask.bool()].tolist())
+            responses.append(row[:row.index(eos) + 1] if eos in row else row)
+    return prompt_ids, responses
+
+
+def answer_span(tokenizer, response: list, cue: str) -> tuple:
+    """((start, end) of the answer tokens, the answer text) of one response, or (None, None)
+    without an answer. The span starts at the first token whose text reaches past the cue."""
+    eos = tokenizer.eos_token_id
+    ids = response[:response.index(eos)] if eos in response else response
+    split = split_completion(tokenizer.decode(ids, skip_special_tokens=True), cue)  # as the trainer parses rollouts
+    if split is None:
+        return None, None
+    cue_end = len(split[0]) + len(cue)
+    lo, hi = 0, len(ids) - 1  # the first k with len(decode(ids[:k + 1])) > cue_end; k = len - 1 qualifies
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[:mid + 1], skip_special_tokens=True)) > cue_end:
+            hi = mid
+        else:
+            lo = mid + 1
+    return (lo, len(ids)), split[1]
+
+
+def evaluate(model, tokenizer, records: list, *, cue: str, max_new_tokens: int, batch_size: int = 8) -> dict:
+    """Accuracy and calibration of the model's greedy answers to ``records`` (``prompt``, ``answer``).
+
+    Returns ``summary`` (``accuracy`` over every question, ``answered``, and over the answered
+    ones ECE, Brier, AUROC, AURC, overconfidence rate, mean confidence; None where nothing was
+    answered) and ``questions``: per record its prompt, gold answer, response, answer, confidence
+    (None unanswered) and correctness.
+    """
+    was_training = model.training
+    model.eval()
+    prompts = [r["prompt"] for r in records]
+    prompt_ids, responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    spans, answers = zip(*(answer_span(tokenizer, r, cue) for r in responses))
+    conf = torch.cat([span_confidence(model, prompt_ids[i:i + batch_size], responses[i:i + batch_size],
+                                      spans[i:i + batch_size], tokenizer.pad_token_id)
+                      for i in range(0, len(records), batch_size)])
+    model.train(was_training)
+    correct = torch.tensor([a is not None and a == r["answer"].strip() for a, r in zip(answers, records)])
+    questions = [dict(prompt=r["prompt"], gold=r["answer"], response=tokenizer.decode(resp, skip_special_tokens=True),
+                      answer=a, confidence=None if c != c else c, correct=bool(o))
+                 for r, resp, a, c, o in zip(records, responses, answers, conf.tolist(), correct.tolist())]
+    return dict(summary=summarize(conf, correct), questions=questions)
+
+
+def _cell(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def table(results: dict) -> str:
+    """A markdown table of the summaries in ``results`` (row name -> evaluate's result)."""
+    lines = ["| model | " + " | ".join(name for _, name in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for row, result in results.items():
+        lines.append(f"| {row} | " + " | ".join(_cell(result["summary"][key]) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
