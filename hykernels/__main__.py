@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="HyTuning end to end: its effect on a tiny model, then the kernels on a real one (CPU, offline)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--steps", type=int, default=40, help="post-training steps of part 1 (HyTuning and RLIF alone)")
-    demo.add_argument("--warmup-steps", type=int, default=600, help="supervised warm-up steps of part 1's base model")
+    demo.add_argument("--warmup-steps", type=int, default=400,
+                      help="supervised warm-up steps of part 1's base model (ModelConfig.warmup_steps)")
     demo.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2-135M")
     demo.add_argument("--out-dir", default=".", help="where the reliability diagram PNG goes")
     experiment = sub.add_parser("experiment", help="the ablation: RD, RLIF, RD + RLIF, HyTuning (CPU, offline)")

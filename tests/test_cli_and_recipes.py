@@ -24,6 +24,25 @@ def test_demo_runs_and_agrees(tmp_path):
     assert (tmp_path / "hykernels-demo-reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_demo_explanation_follows_its_numbers():
+    from hykernels._demo import explain
+
+    def m(acc, ece, answered=1.0):
+        return dict(accuracy=acc, ece=ece, answered=answered)
+
+    # the run: HyTuning ended below its start on both
+    text = explain(m(0.515, 0.201), m(0.500, 0.252), m(0.400, 0.300, 0.9), lam=0.5, steps=40)
+    assert "accuracy 0.515 -> 0.500 (worse), ECE 0.201 -> 0.252 (worse)" in text
+    assert "HyTuning ended worse than its start on accuracy and ECE in this run." in text
+    assert "Against RLIF alone, HyTuning ended 0.100 higher in accuracy." in text
+    assert "answered 1.000 -> 0.900 (worse)" in text
+    text = explain(m(0.5, 0.2), m(0.6, 0.1), m(0.7, 0.1), lam=0.5, steps=40)
+    assert "accuracy 0.500 -> 0.600 (better), ECE 0.200 -> 0.100 (better)" in text
+    assert "worse than its start" not in text and "0.100 lower in accuracy" in text
+    text = explain(m(0.5, None, 0.0), m(0.5, 0.2), m(0.5, None, 0.0), lam=0.5, steps=40)
+    assert "ECE n/a -> 0.200" in text and "accuracy 0.500 -> 0.500 (unchanged)" in text and "level" in text
+
+
 def test_info_lists_backends():
     r = subprocess.run([sys.executable, "-m", "hykernels", "info"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)

@@ -3,6 +3,7 @@ independent computations, and a tiny end-to-end run that writes its files (it as
 about which arm wins)."""
 import copy
 import json
+import os
 import random
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hykernels.experiment import arms, evaluate, task
+from hykernels.experiment import arms, evaluate, fingerprint, task
 from hykernels.experiment.model import ModelConfig, gold_batch, make_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,13 @@ def test_splits_are_fixed_and_disjoint():
     a, b = task.make_splits(), task.make_splits()
     assert a == b
     parts = [set(a.curated), set(a.queries), set(a.val), set(a.test)]
-    assert sum(map(len, parts)) == len(set().union(*parts)) == len(a.held())
+    assert sum(map(len, parts)) == len(set().union(*parts))
+    # the many traces: the curated ones first, ten times as many, outside queries, val and test
+    assert len(a.many) == len(set(a.many)) == 10 * len(a.curated) and a.many[:len(a.curated)] == a.curated
+    assert not set(a.many) & (parts[1] | parts[2] | parts[3])
+    assert len(a.held()) == len(set().union(*parts, a.many))
+    few = task.make_splits(many=0)  # drawing the many does not move the other splits
+    assert (few.curated, few.queries, few.val, few.test) == (a.curated, a.queries, a.val, a.test)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -128,15 +135,138 @@ def test_quick_experiment_runs_end_to_end(tmp_path):
     report = json.loads((tmp_path / "ablation.json").read_text())
     assert set(report["arms"]) == set(arms.ARMS) and report["seeds"] == [0]
     assert report["command"].startswith("python -m hykernels experiment") and "torch" in report["versions"]
+    env = report["environment"]
+    assert env["deterministic_algorithms"] and env["aten_cpu_capability"] and env["torch_threads"] >= 1
+    assert "cpu_flags" in env and "commit" in env and "uncommitted_changes" in env
     for arm in report["arms"].values():
         assert [p["step"] for p in arm["curve"]] == [0, 1, 2]
         assert 0.0 <= arm["final"]["accuracy"][0] <= 1.0 and len(arm["train_log"][0]) == 2
-    for name in ["ablation_curves"] + [f"ablation_reliability_{a}" for a in arms.ARMS]:
+        assert set(arm["change_from_base"]) >= {"accuracy", "ece"}
+    for name in ("hytuning", "hytuning_majority"):
+        signal = report["prg_signal"][name]
+        assert signal["pooled"]["rollouts"] == 2 * 16 and len(signal["per_checkpoint"]) == 2
+        assert {"prg_auroc", "prg_majority_auroc", "self_certainty_auroc"} <= set(signal["pooled"])
+    assert set(report["less_vs_more"]["arms"]) == {"hytuning", "hytuning_majority", "mix", "rlif"}
+    assert "hytuning - mix" in report["comparisons"]
+    assert {"warm_up_losses", "rd", "hytuning"} <= set(report["fingerprint"])
+    for name in ["ablation_curves", "ablation_prg"] + [f"ablation_reliability_{a}" for a in arms.ARMS]:
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| HyTuning |" in r.stdout
+    assert "| HyTuning |" in r.stdout and "AUROC for rollout correctness" in r.stdout
+    assert "less approximates more" in r.stdout
+
+
+COMMITTED = ROOT / "experiments" / "results" / "ablation.json"
+
+
+def test_the_committed_run_is_what_this_code_computes():
+    """The short fingerprint (30 warm-up steps, 3 steps of RD and of HyTuning) of this code on
+    this machine against the one the committed run stored: a change of the code's numerics (the
+    warm-up, the losses, PRG, sampling) fails here until the ablation is rerun and committed,
+    while another CPU's rounding (AVX-512 or AVX2 kernels, thread count: ~1e-5 relative) passes
+    (fingerprint.TOLERANCE)."""
+    want = json.loads(COMMITTED.read_text())["fingerprint"]
+    ok, worst = fingerprint.compare(fingerprint.fingerprint(), want)
+    assert ok, f"worst: {worst}"
+
+
+def test_fingerprint_tolerance_covers_avx2_kernels_and_catches_a_change(tmp_path):
+    """The same check in a process whose ATen kernels run AVX2 instead of AVX-512 (where the CPU
+    has AVX-512; elsewhere the other way round is what CI checks) on 1 thread: within the
+    tolerance. And a fingerprint whose warm-up loss moved by 1 % is refused."""
+    r = subprocess.run([sys.executable, "-m", "hykernels", "experiment", "--check", str(COMMITTED)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "fingerprint matches" in r.stdout, r.stdout + r.stderr
+    want = json.loads(COMMITTED.read_text())["fingerprint"]
+    moved = copy.deepcopy(want)
+    moved["warm_up_losses"][-1] *= 1.01
+    ok, worst = fingerprint.compare(moved, want)
+    assert not ok and worst[0] == f"warm_up_losses[{len(want['warm_up_losses']) - 1}]"
+    bad = tmp_path / "a.json"
+    bad.write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "hykernels", "experiment", "--check", str(bad)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and f"--check: {bad}: expected an ablation.json with a 'fingerprint'" in r.stderr
 
 
 def test_unknown_arm_is_refused():
     r = subprocess.run([sys.executable, "-m", "hykernels", "experiment", "--arms", "rd,nope"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--arms: unknown arm(s) ['nope']" in r.stderr
+
+
+def test_majority_answers():
+    got = arms.majority_answers(["3", "4", "4", None, None, None, "7", "8", "8", "7"], group=5)
+    # group 1: 4 beats 3 (None does not vote); group 2: 7 and 8 tie, 7 seen first
+    assert got == ["4"] * 5 + ["7"] * 5
+    assert arms.majority_answers([None, None], group=2) == [None, None]
+
+
+def test_rollout_traces_measure_support_toward_the_given_answer():
+    p = task.make_splits().val[0]
+    answered = TOK.encode("1+2=3" + task.CUE + "5") + [TOK.eos_token_id]
+    unanswered = TOK.encode("1+2=3") + [TOK.eos_token_id]
+    own = arms.rollout_traces(TOK, [p, p], [answered, unanswered])
+    assert (TOK.decode(own[0].reasoning), TOK.decode(own[0].answer)) == ("1+2=3", "5")
+    assert (TOK.decode(own[1].reasoning), TOK.decode(own[1].answer)) == ("1+2=", "3")  # the last token stands in
+    toward = arms.rollout_traces(TOK, [p, p], [answered, unanswered], ["12", "12"])
+    assert (TOK.decode(toward[0].reasoning), TOK.decode(toward[0].answer)) == ("1+2=3", "12")
+    assert (TOK.decode(toward[1].reasoning), TOK.decode(toward[1].answer)) == ("1+2=3", "12")
+    assert arms.rollout_traces(TOK, [p], [answered], [None])[0] == own[0]  # None: its own answer
+
+
+def test_rank_auroc_counts_pairs():
+    rng = random.Random(0)
+    for _ in range(20):
+        scores = [rng.choice([-2.0, 0.5, 0.5, 3.0, 7.5]) + rng.random() * (rng.random() < 0.5) for _ in range(15)]
+        labels = [rng.random() < 0.4 for _ in range(15)]
+        pos = [s for s, y in zip(scores, labels) if y]
+        neg = [s for s, y in zip(scores, labels) if not y]
+        if not pos or not neg:
+            assert evaluate.rank_auroc(scores, labels) is None
+            continue
+        want = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+        assert evaluate.rank_auroc(scores, labels) == pytest.approx(want)
+
+
+def _signal(prg_own, prg_majority, self_certainty, correct):
+    return dict(prg_traces=[0.5], prg_own=prg_own, prg_majority=prg_majority, correct=correct,
+                answered=[1.0] * len(correct), self_certainty=self_certainty)
+
+
+def test_prg_signal_pools_seeds_and_checkpoint_windows():
+    from hykernels.experiment.run import prg_signal
+
+    # seed 0: own PRG separates perfectly, majority inverted, self-certainty ties; seed 1 the same
+    step = _signal([0.9, 0.1], [0.1, 0.9], [2.0, 2.0], [1.0, 0.0])
+    other = _signal([0.2, 0.8], [0.5, 0.5], [1.0, 3.0], [1.0, 0.0])
+    logs = [[dict(signal=step), dict(signal=step)], [dict(signal=step), dict(signal=other)]]
+    got = prg_signal(logs, checkpoints=[0, 1, 2])
+    assert got["per_seed"][0]["prg_auroc"] == 1.0 and got["per_seed"][0]["prg_majority_auroc"] == 0.0
+    assert got["per_seed"][0]["self_certainty_auroc"] == 0.5
+    assert got["per_seed"][1]["prg_auroc"] == 0.75  # 0.9 and 0.2 against 0.1 and 0.8: 3 of 4 pairs
+    assert got["per_seed_mean_std"]["prg_auroc"] == [0.875, 0.125]
+    assert got["pooled"]["rollouts"] == 8 and got["pooled"]["correct_share"] == 0.5
+    assert got["per_checkpoint"][0]["steps"] == [1, 1] and got["per_checkpoint"][0]["prg_auroc"] == 1.0
+    assert got["per_checkpoint"][1]["rollouts"] == 4
+    assert got["pooled"]["prg_own_mean_correct"] == pytest.approx((0.9 * 3 + 0.2) / 4)
+    assert got["pooled"]["prg_traces_mean"] == 0.5
+
+
+def test_paired_and_less_vs_more():
+    from hykernels.experiment.run import less_vs_more, paired
+
+    def seeds(*acc):
+        return [dict(accuracy=a, ece=0.1, brier=0.2, auroc=None, mean_confidence=0.5) for a in acc]
+
+    d = paired(seeds(0.5, 0.4, 0.3), seeds(0.4, 0.5, 0.1))
+    assert d["accuracy"]["mean_std"][0] == pytest.approx(0.2 / 3) and d["accuracy"]["wins"] == 2
+    assert d["auroc"] is None and d["ece"]["mean_std"] == [0.0, 0.0]
+    report = dict(arms=dict(rd=dict(final_per_seed=seeds(0.2, 0.3)), rd_many=dict(final_per_seed=seeds(0.4, 0.5)),
+                            hytuning=dict(final_per_seed=seeds(0.3, 0.3))))
+    got = less_vs_more(report)
+    assert got["gap"] == [pytest.approx(0.2), pytest.approx(0.0)] and got["gap_positive_seeds"] == 2
+    assert got["arms"]["hytuning"]["share_closed"] == pytest.approx(0.05 / 0.2)
+    assert got["arms"]["hytuning"]["gain_over_rd"] == [pytest.approx(0.05), pytest.approx(0.05)]
+    assert 0.0 < got["arms"]["hytuning"]["share_closed_std"] < 0.5
+    assert less_vs_more(dict(arms=dict(rd=report["arms"]["rd"]))) == {}

@@ -116,3 +116,16 @@ def summarize(conf: torch.Tensor, correct: torch.Tensor) -> dict:
     out["accuracy_answered"] = out.pop("accuracy", None)
     out.update(accuracy=float(correct.float().mean()), answered=float(answered.float().mean()), questions=len(conf))
     return out
+
+
+def rank_auroc(scores, labels):
+    """AUROC of any real-valued scores for 0/1 labels: P(score of a positive > score of a
+    negative), ties counting ½ (metrics.auroc on the scores' ranks, which only order matters
+    for); None when only one class is present."""
+    import numpy as np
+
+    y = np.asarray(labels, dtype=float)
+    if y.size == 0 or y.min() == y.max():
+        return None
+    _, ranks = np.unique(np.asarray(scores, dtype=float), return_inverse=True)
+    return metrics.auroc(ranks / max(int(ranks.max()), 1), y)

@@ -3,9 +3,18 @@
 For each seed: one tiny Llama, warmed up to partial competence (model.py); a copy per arm
 (arms.py), post-trained for the same number of steps with the same optimiser; every
 ``eval_every`` steps, held-out accuracy and calibration of greedily generated answers
-(evaluate.py). Writes ``ablation.json`` (command, versions, settings, per-seed and mean ± std
-numbers, curves, training logs), ``ablation_curves.png`` and one reliability diagram per arm
-(seeds pooled, after the last step) to ``out_dir``, and prints a table.
+(evaluate.py). Writes ``ablation.json`` (command, versions, the machine and commit, settings,
+per-seed and mean ± std numbers, differences between arms paired by seed, curves, training logs,
+PRG's signal for rollout correctness, and how much of the gap to RD on 10× the traces HyTuning
+closes), ``ablation_curves.png``, ``ablation_prg.png`` and one reliability diagram per arm (seeds
+pooled, after the last step) to ``out_dir``, and prints tables.
+
+Reproducibility: every seed's run is a deterministic function of the code, the seed and the
+floating-point results of torch's CPU kernels. Those results depend on which vector ISA ATen's
+kernels run (AVX-512 or AVX2: ``ATEN_CPU_CAPABILITY``), which changes the last bit of a loss at
+the first step; a warm-up of hundreds of steps amplifies that into a different base model. So
+two machines agree seed by seed only when their kernels do, and otherwise agree as two draws of
+seeds do: conclusions are drawn from differences paired by seed, over enough seeds.
 """
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ import copy
 import json
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -24,7 +34,8 @@ import torch
 from .. import __version__, metrics
 from . import task
 from .arms import ARMS, ArmTrainer, TrainConfig
-from .evaluate import evaluate
+from .evaluate import evaluate, rank_auroc
+from .fingerprint import TOLERANCE, compare, fingerprint
 from .model import ModelConfig, tiny_model, warm_up
 
 METRICS = ("accuracy", "answered", "mean_confidence", "ece", "brier", "auroc", "aurc", "overconfidence_rate")
@@ -39,6 +50,51 @@ def versions() -> dict:
 
 def device() -> str:
     return f"cpu: {platform.machine()}, {torch.get_num_threads()} torch threads ({platform.platform()})"
+
+
+CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
+             "amx_bf16")
+
+
+def environment() -> dict:
+    """What decides the floating-point results a rerun gets: the CPU and its vector flags, the ISA
+    ATen's kernels use, torch's threads, the BLAS, and the code (commit, and whether the package
+    had uncommitted changes)."""
+    cpu, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu in ("", platform.machine()):
+                cpu = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    except OSError:  # not Linux: the processor string alone
+        pass
+    blas = [line.strip(" -") for line in torch.__config__.show().splitlines()
+            if "Math Kernel Library" in line or "MKL-DNN" in line or "OpenBLAS" in line]
+    return dict(cpu=cpu, cpu_flags=[f for f in CPU_FLAGS if f in flags],
+                aten_cpu_capability=torch.backends.cpu.get_cpu_capability(), torch_threads=torch.get_num_threads(),
+                deterministic_algorithms=torch.are_deterministic_algorithms_enabled(), blas=blas,
+                platform=platform.platform(), **commit())
+
+
+def commit() -> dict:
+    """The package's git commit and whether hykernels/ had uncommitted changes (None outside a
+    git checkout)."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return dict(commit=None, uncommitted_changes=None)
+        changes = git("status", "--porcelain", "--", "hykernels").stdout.strip()
+        return dict(commit=head.stdout.strip(), uncommitted_changes=bool(changes))
+    except (OSError, subprocess.SubprocessError):
+        return dict(commit=None, uncommitted_changes=None)
 
 
 def fmt(x) -> str:
@@ -74,15 +130,26 @@ def run(*, seeds=(0, 1, 2), arms=tuple(ARMS), split="test", out_dir="experiments
         log: where progress lines go (``print``).
     """
     model_config, train_config = model_config or ModelConfig(), train_config or TrainConfig()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # no nondeterministic kernel on the CPU path; refuse one if it appears
+    try:
+        return _run(seeds, arms, split, Path(out_dir), model_config, train_config, eval_every, eval_size, command, log)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _run(seeds, arms, split, out, model_config, train_config, eval_every, eval_size, command, log) -> dict:
     t0 = time.perf_counter()
+    reference = fingerprint()
     tok, splits = task.CharTokenizer(), task.make_splits()
     problems = getattr(splits, split)[:eval_size]
     checkpoints = sorted({0, train_config.steps, *range(0, train_config.steps, eval_every)})
     results = {name: dict(label=ARMS[name].label, evals=[], logs=[]) for name in arms}
-    base = []
+    base, warm_losses = [], []
     for seed in seeds:
         model = tiny_model(tok, model_config, seed)
         warm = warm_up(model, tok, splits, model_config, seed)
+        warm_losses.append([round(x, 6) for x in warm[::max(1, len(warm) // 20)]] + [round(warm[-1], 6)])
         start = evaluate(model, tok, problems)
         base.append(start["summary"])
         log(f"seed {seed}: warm-up loss {warm[0]:.3f} -> {warm[-1]:.3f}; base model: "
@@ -99,26 +166,32 @@ def run(*, seeds=(0, 1, 2), arms=tuple(ARMS), split="test", out_dir="experiments
             results[name]["evals"].append(evals)
             results[name]["logs"].append(logs)
             final = evals[train_config.steps]["summary"]
-            log(f"  {name:13s} accuracy {final['accuracy']:.3f}  answered {final['answered']:.3f}  "
+            log(f"  {name:17s} accuracy {final['accuracy']:.3f}  answered {final['answered']:.3f}  "
                 f"ECE {fmt(final['ece'])}  mean confidence {fmt(final['mean_confidence'])}  "
                 f"({time.perf_counter() - t0:.0f} s)")
 
     report = dict(
         command=command or "python -m hykernels experiment", versions=versions(), device=device(),
-        wall_s=None, split=split, eval_questions=len(problems), seeds=list(seeds), checkpoints=checkpoints,
-        model=asdict(model_config), train=asdict(train_config),
-        data=dict(curated=len(splits.curated), queries=len(splits.queries), val=len(splits.val),
-                  test=len(splits.test), data_seed=1234),
-        base=dict(per_seed=base, mean_std=mean_std(base)), arms={})
+        environment=environment(), fingerprint=reference, wall_s=None, split=split, eval_questions=len(problems),
+        seeds=list(seeds), checkpoints=checkpoints, model=asdict(model_config), train=asdict(train_config),
+        data=dict(curated=len(splits.curated), many=len(splits.many), queries=len(splits.queries),
+                  val=len(splits.val), test=len(splits.test), data_seed=1234),
+        base=dict(per_seed=base, mean_std=mean_std(base), warm_up_losses=warm_losses), arms={})
     for name, r in results.items():
         curve = [dict(step=s, **mean_std([e[s]["summary"] for e in r["evals"]])) for s in checkpoints]
         finals = [e[train_config.steps]["summary"] for e in r["evals"]]
         report["arms"][name] = dict(
-            label=r["label"], final=mean_std(finals), final_per_seed=finals, curve=curve,
+            label=r["label"], final=mean_std(finals), final_per_seed=finals,
+            change_from_base=paired(finals, base), curve=curve,
             final_examples=[e[train_config.steps]["examples"] for e in r["evals"]],
             tokens_trained=[sum(x["tokens"] for x in logs) for logs in r["logs"]], train_log=r["logs"])
+    finals = {name: a["final_per_seed"] for name, a in report["arms"].items()}
+    report["comparisons"] = {f"{a} - {b}": paired(finals[a], finals[b]) for a, b in COMPARISONS
+                             if a in finals and b in finals}
+    report["prg_signal"] = {name: prg_signal(r["logs"], checkpoints) for name, r in results.items()
+                            if ARMS[name].use_prg}
+    report["less_vs_more"] = less_vs_more(report)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(report, indent=1))
     pooled = {}  # the answered questions of every seed, after the last step
@@ -127,9 +200,89 @@ def run(*, seeds=(0, 1, 2), arms=tuple(ARMS), split="test", out_dir="experiments
                                                               e[train_config.steps]["correct"]) if c is not None]
         pooled[name] = ([c for c, _ in pairs], [o for _, o in pairs])
     figures = plots(report, pooled, out)
-    log("\n" + table(report))
+    log("\n" + table(report) + "\n\n" + signal_table(report) + "\n\n" + less_vs_more_text(report))
     log(f"\nwrote {out / 'ablation.json'} and {len(figures)} figures to {out}/ in {report['wall_s']:.0f} s")
     return report
+
+
+# (arm, arm) pairs whose per-seed differences the report gives
+COMPARISONS = (("hytuning", "mix"), ("hytuning", "rd"), ("hytuning_majority", "hytuning"),
+               ("hytuning_majority", "mix"), ("rd_many", "rd"), ("mix", "rlif"), ("hytuning", "grpo_correct"))
+
+
+def paired(a: list, b: list) -> dict:
+    """Per metric, the differences a − b seed by seed: [mean, std] and how many seeds have a > b
+    (``wins``), over the seeds where both exist. Two machines whose kernels differ draw different
+    seeds, so a difference that holds on most seeds is what a rerun elsewhere keeps."""
+    out = {}
+    for key in ("accuracy", "ece", "brier", "auroc", "mean_confidence"):
+        d = [x[key] - y[key] for x, y in zip(a, b) if x.get(key) is not None and y.get(key) is not None]
+        out[key] = dict(mean_std=[float(np.mean(d)), float(np.std(d))], wins=sum(x > 0 for x in d), seeds=len(d)) \
+            if d else None
+    return out
+
+
+SIGNALS = (("prg_auroc", "prg_own"), ("prg_majority_auroc", "prg_majority"), ("self_certainty_auroc", "self_certainty"))
+
+
+def prg_signal(logs: list, checkpoints: list) -> dict:
+    """How well each label-free score of a rollout predicts whether its answer is right: the AUROC
+    for rollout correctness of PRG toward the rollout's own answer (``prg_auroc``, the default
+    PRG), of PRG toward its group's majority answer (``prg_majority_auroc``) and of the
+    self-certainty reward (``self_certainty_auroc``); pooled over every step and seed, per seed
+    (mean ± std), and per checkpoint window (the steps since the previous checkpoint, seeds
+    pooled). Also the mean of each PRG over correct rollouts, wrong rollouts and curated traces.
+    ``logs``: per seed, the arm's per-step logs with their ``signal``."""
+    steps = [(i, step, log["signal"]) for i, seed_logs in enumerate(logs) for step, log in enumerate(seed_logs, 1)]
+
+    def pool(rows):
+        sig = {k: [x for _, _, s in rows for x in s[k]] for k in rows[0][2]} if rows else {}
+        if not sig.get("correct"):
+            return None
+        correct = np.array(sig["correct"], dtype=bool)
+        out = dict(rollouts=int(correct.size), correct_share=float(correct.mean()),
+                   answered_share=float(np.mean(sig["answered"])))
+        out.update({name: rank_auroc(sig[key], correct) for name, key in SIGNALS})
+        for key in ("prg_own", "prg_majority"):
+            v = np.array(sig[key])
+            out[f"{key}_mean_correct"] = float(v[correct].mean()) if correct.any() else None
+            out[f"{key}_mean_wrong"] = float(v[~correct].mean()) if (~correct).any() else None
+        out["prg_traces_mean"] = float(np.mean(sig["prg_traces"])) if sig["prg_traces"] else None
+        return out
+
+    per_seed = [pool([r for r in steps if r[0] == i]) for i in range(len(logs))]
+    spread = {}
+    for name, _ in SIGNALS:
+        v = [p[name] for p in per_seed if p and p[name] is not None]
+        spread[name] = [float(np.mean(v)), float(np.std(v))] if v else None
+    windows = [dict(steps=[a + 1, b], **(pool([r for r in steps if a < r[1] <= b]) or {}))
+               for a, b in zip(checkpoints[:-1], checkpoints[1:])]
+    return dict(pooled=pool(steps), per_seed_mean_std=spread, per_seed=per_seed, per_checkpoint=windows)
+
+
+def less_vs_more(report: dict) -> dict:
+    """"Less approximates more": per arm that trains on the few curated traces plus unlabelled
+    queries, how much of the accuracy gap between RD on the few traces (``rd``) and RD on 10× as
+    many (``rd_many``) it closes. Per seed the gap (rd_many − rd) and the arm's gain (arm − rd);
+    the share closed is the ratio of their means over seeds, ± its std over 2,000 bootstrap
+    resamples of the seeds (None where the mean gap is not positive)."""
+    arms = report["arms"]
+    if "rd" not in arms or "rd_many" not in arms:
+        return {}
+    acc = {name: np.array([s["accuracy"] for s in a["final_per_seed"]]) for name, a in arms.items()}
+    gap = acc["rd_many"] - acc["rd"]
+    rng = np.random.default_rng(0)
+    resamples = rng.integers(0, gap.size, size=(2000, gap.size))
+    out = dict(gap=[float(gap.mean()), float(gap.std())], gap_positive_seeds=int((gap > 0).sum()), arms={})
+    for name in ("hytuning", "hytuning_majority", "mix", "rlif"):
+        if name not in acc:
+            continue
+        gain = acc[name] - acc["rd"]
+        share = float(gain.mean() / gap.mean()) if gap.mean() > 0 else None
+        boot = [gain[i].mean() / gap[i].mean() for i in resamples if gap[i].mean() > 0]
+        out["arms"][name] = dict(gain_over_rd=[float(gain.mean()), float(gain.std())], share_closed=share,
+                                 share_closed_std=float(np.std(boot)) if share is not None else None)
+    return out
 
 
 def table(report: dict) -> str:
@@ -141,10 +294,39 @@ def table(report: dict) -> str:
     def mean_pm_std(ms):
         return "n/a" if ms is None else f"{ms[0]:.3f} ± {ms[1]:.3f}"
 
-    rows.append("| base model (warm-up) | " + " | ".join(mean_pm_std(report["base"]["mean_std"][c]) for c in cols) + " |")
+    base = report["base"]["mean_std"]
+    rows.append("| base model (warm-up) | " + " | ".join(mean_pm_std(base[c]) for c in cols) + " |")
     for a in report["arms"].values():
         rows.append(f"| {a['label']} | " + " | ".join(mean_pm_std(a["final"][c]) for c in cols) + " |")
     return "\n".join(rows)
+
+
+def signal_table(report: dict) -> str:
+    """The AUROC of each label-free score for rollout correctness, per arm that measures PRG."""
+    rows = ["| arm | rollouts (correct) | PRG, own answer | PRG, majority answer | self-certainty |",
+            "|---|---|---|---|---|"]
+    for name, sig in report["prg_signal"].items():
+        p, spread = sig["pooled"], sig["per_seed_mean_std"]
+        if p is None:
+            continue
+        cells = [fmt(p[k]) + ("" if spread[k] is None else f" (seeds {spread[k][0]:.3f} ± {spread[k][1]:.3f})")
+                 for k, _ in SIGNALS]
+        rows.append(f"| {report['arms'][name]['label']} | {p['rollouts']} ({p['correct_share']:.3f}) | "
+                    + " | ".join(cells) + " |")
+    return "AUROC for rollout correctness, pooled over steps and seeds:\n" + "\n".join(rows)
+
+
+def less_vs_more_text(report: dict) -> str:
+    lvm = report["less_vs_more"]
+    if not lvm:
+        return ""
+    lines = [f"less approximates more: RD on 10x the traces gains {lvm['gap'][0]:+.3f} ± {lvm['gap'][1]:.3f} accuracy "
+             f"over RD on the few ({lvm['gap_positive_seeds']}/{len(report['seeds'])} seeds)"]
+    for name, a in lvm["arms"].items():
+        share = "n/a" if a["share_closed"] is None else f"{a['share_closed']:.2f} ± {a['share_closed_std']:.2f}"
+        lines.append(f"  {report['arms'][name]['label']}: {a['gain_over_rd'][0]:+.3f} ± {a['gain_over_rd'][1]:.3f} "
+                     f"over RD on the few; share of the gap closed {share}")
+    return "\n".join(lines)
 
 
 def plots(report: dict, pooled: dict, out: Path) -> list:
@@ -170,6 +352,8 @@ def plots(report: dict, pooled: dict, out: Path) -> list:
     fig.suptitle(f"{len(report['seeds'])} seeds, mean ± std; {report['eval_questions']} {report['split']} questions")
     paths = [out / "ablation_curves.png"]
     fig.savefig(paths[0], dpi=110)
+    if "hytuning" in report["arms"]:
+        paths.append(prg_plot(report, out / "ablation_prg.png"))
     for name, (conf, correct) in pooled.items():
         if not conf:
             continue
@@ -178,6 +362,35 @@ def plots(report: dict, pooled: dict, out: Path) -> list:
                                     f"step {report['train']['steps']}, seeds pooled")
         paths.append(path)
     return paths
+
+
+def prg_plot(report: dict, path: Path) -> Path:
+    """Histograms of the HyTuning arm's PRG (toward each rollout's own answer, and toward its
+    group's majority answer) for correct rollouts, wrong rollouts and curated traces, every step
+    and seed pooled."""
+    from matplotlib.figure import Figure
+
+    logs = [log["signal"] for seed_logs in report["arms"]["hytuning"]["train_log"] for log in seed_logs]
+    correct = np.array([x for s in logs for x in s["correct"]], dtype=bool)
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    bins = np.linspace(0, 1, 26)
+    pooled = report["prg_signal"]["hytuning"]["pooled"]
+    for ax, (key, title, auroc) in zip(fig.subplots(1, 2), (
+            ("prg_own", "PRG toward the rollout's own answer (default)", pooled["prg_auroc"]),
+            ("prg_majority", "PRG toward the group's majority answer", pooled["prg_majority_auroc"]))):
+        v = np.array([x for s in logs for x in s[key]])
+        traces = np.array([x for s in logs for x in s["prg_traces"]])
+        for values, what, style in ((v[correct], "correct rollouts", dict(alpha=0.5)),
+                                    (v[~correct], "wrong rollouts", dict(alpha=0.5)),
+                                    (traces, "curated traces", dict(histtype="step", color="k"))):
+            if values.size:  # a density of nothing is undefined
+                ax.hist(values, bins=bins, density=True, label=f"{what} ({values.size})", **style)
+        ax.set(xlabel="PRG", ylabel="density", title=f"{title}\nAUROC for correctness {fmt(auroc)}")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, frameon=False)
+    fig.suptitle(f"HyTuning arm, every step and seed ({len(report['seeds'])})", fontsize=9)
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def main(argv=None) -> int:
@@ -189,17 +402,40 @@ def main(argv=None) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--seeds", type=int, default=5, help="number of seeds (0, 1, ...)")
+    p.add_argument("--seeds", type=int, default=10, help="number of seeds (0, 1, ...)")
     p.add_argument("--steps", type=int, default=TrainConfig.steps, help="post-training steps per arm")
-    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="evaluate on the held-out test set (reported) or the validation set (for choosing settings)")
     p.add_argument("--out-dir", default="experiments/results")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 2 steps, a short warm-up, 24 questions")
+    p.add_argument("--check", metavar="ABLATION_JSON",
+                   help="only rerun the short fingerprint (about 10 s) and compare it with the one in ABLATION_JSON "
+                        "(e.g. experiments/results/ablation.json): exit 0 when this machine and code compute what "
+                        "that run computed, within the fingerprint's tolerance, 1 when not")
+
+
+def check(path: str, log=print) -> int:
+    """--check: this machine's fingerprint against the one stored in an ablation.json."""
+    try:
+        want = json.loads(Path(path).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--check: {path}: expected an ablation.json with a 'fingerprint' ({type(e).__name__}: {e})")
+    got = fingerprint()
+    ok, (name, a, b, rel) = compare(got, want)
+    rtol, atol = TOLERANCE
+    log(f"fingerprint {'matches' if ok else 'DIFFERS'}: worst {name}: {a} here, {b} in {path} (relative difference "
+        f"{rel:.1e}; tolerance rtol {rtol:g}, atol {atol:g})")
+    if not ok:
+        log("this machine or code does not compute what that run computed: its numbers are not expected to come back "
+            "seed by seed (environment: " + json.dumps(environment()) + ")")
+    return 0 if ok else 1
 
 
 def from_args(args) -> int:
+    if args.check:
+        return check(args.check)
     arms = tuple(a for a in args.arms.split(",") if a)
     unknown = [a for a in arms if a not in ARMS]
     if unknown:

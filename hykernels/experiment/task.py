@@ -11,8 +11,9 @@ same length, so a batch of prompts generates without padding.
 
 The problem sets are disjoint and fixed by ``data_seed`` (the same for every seed and arm):
 ``curated`` (the few labelled traces RD may use), ``queries`` (unlabelled prompts for RLIF),
-``val`` (for choosing settings) and ``test`` (held out, reported). Warm-up problems are drawn
-fresh, outside all four.
+``val`` (for choosing settings) and ``test`` (held out, reported), and ``many``: ten times the
+curated traces (the curated ones and more), for the arm that asks what labelling more would buy.
+Warm-up problems are drawn fresh, outside all of them.
 """
 from __future__ import annotations
 
@@ -110,17 +111,20 @@ class Splits:
     queries: list
     val: list
     test: list
+    many: list  # the curated traces first, then more drawn outside every other split
 
     def held(self) -> frozenset:
-        return frozenset(self.curated + self.queries + self.val + self.test)
+        return frozenset(self.curated + self.queries + self.val + self.test + self.many)
 
 
 def make_splits(data_seed: int = 1234, curated: int = 64, queries: int = 1024, val: int = 200,
-                test: int = 500) -> Splits:
+                test: int = 500, many: int = 640) -> Splits:
     rng = random.Random(data_seed)
     problems = sample(rng, curated + queries + val + test)
     a, b, c = curated, curated + queries, curated + queries + val
-    return Splits(problems[:a], problems[a:b], problems[b:c], problems[c:])
+    # drawn after the others, so the four splits are the same whatever ``many`` is
+    extra = sample(rng, max(0, many - curated), frozenset(problems))
+    return Splits(problems[:a], problems[a:b], problems[b:c], problems[c:], problems[:a] + extra)
 
 
 def parse_answer(response: str) -> tuple[str, Optional[str]]:

@@ -1,0 +1,81 @@
+"""A short, non-chaotic rerun of the ablation's code path, to check that a machine computes what
+the committed run computed.
+
+The full ablation cannot be compared number by number across machines: a warm-up of hundreds
+of steps turns a last-bit difference in one kernel into a different base model (run.py's
+docstring). A few steps cannot: 30 warm-up steps and 3 steps each of the RD and HyTuning arms
+(sampled rollouts, packed PRG probes, self-certainty rewards, the fused loss and its backward,
+AdamW) move every number by about the rounding of the kernels that computed it. So the
+fingerprint's numbers agree across machines to a relative 10⁻⁴ or better where the code is the
+same, and move by far more than that where the code's numerics changed (another warm-up
+schedule, loss normalisation, PRG definition, task or sampling order). ``run`` stores one in
+``ablation.json``; ``compare`` tells whether another is within ``TOLERANCE`` of it.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from . import task
+from .arms import ARMS, ArmTrainer, TrainConfig
+from .model import ModelConfig, tiny_model, warm_up
+
+# rtol, atol: measured, the fingerprints of AVX-512 and AVX2 kernels (ATEN_CPU_CAPABILITY) and of
+# 1 and 2 threads differ by at most 1e-5 relative (tests/test_experiment.py reruns one under
+# AVX2); 1e-3 leaves room for other CPUs' rounding and still fails on any change of the math.
+TOLERANCE = (1e-3, 1e-4)
+WARMUP_STEPS, ARM_STEPS = 30, 3
+
+
+def fingerprint(seed: int = 0) -> dict:
+    """Warm-up losses every 5 steps, then per step of the ``rd`` and ``hytuning`` arms: the loss,
+    λ and the mean PRG of traces and rollouts."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        tok, splits = task.CharTokenizer(), task.make_splits()
+        config = ModelConfig(warmup_steps=WARMUP_STEPS)
+        model = tiny_model(tok, config, seed)
+        warm = warm_up(model, tok, splits, config, seed)
+        out = dict(seed=seed, warmup_steps=WARMUP_STEPS, arm_steps=ARM_STEPS, warm_up_losses=warm[::5] + warm[-1:])
+        for name in ("rd", "hytuning"):
+            torch.manual_seed(seed)
+            trainer = ArmTrainer(ARMS[name], copy.deepcopy(model), tok, splits, TrainConfig(steps=ARM_STEPS), seed)
+            logs = [trainer.step() for _ in range(ARM_STEPS)]
+            out[name] = {k: [float(log[k]) for log in logs] for k in ("loss", "lam", "prg_rd", "prg_rollouts")
+                         if logs[0][k] is not None}
+        return out
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _numbers(fp: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in fp.items():
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, list):
+            out.update({f"{prefix}{key}[{i}]": float(v) for i, v in enumerate(value)})
+        else:
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def compare(got: dict, want: dict, tolerance: tuple = TOLERANCE) -> tuple:
+    """(ok, worst): whether every number of ``got`` is within |got − want| ≤ atol + rtol·|want|
+    of ``want`` (the same keys required), and the worst one as (name, got, want, relative
+    difference), or (name, None, None, inf) for a key only one of them has."""
+    a, b = _numbers(got), _numbers(want)
+    if a.keys() != b.keys():
+        name = sorted(a.keys() ^ b.keys())[0]
+        return False, (name, a.get(name), b.get(name), float("inf"))
+    rtol, atol = tolerance
+    worst, ok = None, True
+    for name in a:
+        rel = abs(a[name] - b[name]) / max(abs(b[name]), 1e-12)
+        ok &= bool(np.isclose(a[name], b[name], rtol=rtol, atol=atol))
+        if worst is None or rel > worst[3]:
+            worst = (name, a[name], b[name], rel)
+    return ok, worst
