@@ -3,12 +3,12 @@ the committed run computed.
 
 The full ablation cannot be compared number by number across machines: a warm-up of hundreds
 of steps turns a last-bit difference in one kernel into a different base model (run.py's
-docstring). A few steps cannot: 30 warm-up steps and 3 steps each of the RD and HyTuning arms
-(sampled rollouts, packed PRG probes, self-certainty rewards, the fused loss and its backward,
-AdamW) move every number by about the rounding of the kernels that computed it. So the
-fingerprint's numbers agree across machines to a relative 10⁻⁴ or better where the code is the
-same, and move by far more than that where the code's numerics changed (another warm-up
-schedule, loss normalisation, PRG definition, task or sampling order). ``run`` stores one in
+docstring). A few steps cannot: 30 warm-up steps, 3 steps of the RD arm and 1 of HyTuning (sampled
+rollouts, packed PRG probes, self-certainty rewards, λ, the fused loss and its backward, AdamW)
+move every number by about the rounding of the kernels that computed it. So the fingerprint's
+numbers agree across machines to a relative 10⁻⁴ or better where the code is the same, and move
+by far more than that where the code's numerics changed (another warm-up schedule, loss
+normalisation, PRG definition, task or sampling order). ``run`` stores one in
 ``ablation.json``; ``compare`` tells whether another is within ``TOLERANCE`` of it.
 """
 from __future__ import annotations
@@ -22,16 +22,24 @@ from . import task
 from .arms import ARMS, ArmTrainer, TrainConfig
 from .model import ModelConfig, tiny_model, warm_up
 
-# rtol, atol: measured, the fingerprints of AVX-512 and AVX2 kernels (ATEN_CPU_CAPABILITY) and of
-# 1 and 2 threads differ by at most 1e-5 relative (tests/test_experiment.py reruns one under
-# AVX2); 1e-3 leaves room for other CPUs' rounding and still fails on any change of the math.
+# rtol, atol: measured, the fingerprints of AVX-512 and AVX2 kernels (ATEN_CPU_CAPABILITY) differ
+# by at most ~1e-5 relative and those of 1 and 2 threads not at all (tests/test_experiment.py reruns
+# one under AVX2); 1e-3 leaves room for other CPUs' rounding and still fails on a change of the math.
 TOLERANCE = (1e-3, 1e-4)
-WARMUP_STEPS, ARM_STEPS = 30, 3
+WARMUP_STEPS = 30
+# steps of each arm and what each step records. HyTuning takes one step only: its advantages
+# divide self-certainty differences within a group by their std, which can be tiny, so its
+# gradient carries a last-bit difference in a reward into the update, and after that update the
+# mean reward differs by ~7e-3 relative between AVX-512 and AVX2 (measured). Its first step
+# (sampling, PRG probes, rewards, λ, the loss) and RD's three steps (the fused loss, its backward
+# and AdamW) stay within 5e-5. The advantage-weighted backward is tested against references in
+# tests/test_hytuning.py, not here.
+ARM_STEPS = dict(rd=(3, ("loss",)), hytuning=(1, ("loss", "rd_nll", "reward", "lam", "prg_rd", "prg_rollouts")))
 
 
 def fingerprint(seed: int = 0) -> dict:
-    """Warm-up losses every 5 steps, then per step of the ``rd`` and ``hytuning`` arms: the loss,
-    λ and the mean PRG of traces and rollouts."""
+    """Warm-up losses every 5 steps, then per step of the ``rd`` and ``hytuning`` arms what
+    ``ARM_STEPS`` names."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -39,13 +47,12 @@ def fingerprint(seed: int = 0) -> dict:
         config = ModelConfig(warmup_steps=WARMUP_STEPS)
         model = tiny_model(tok, config, seed)
         warm = warm_up(model, tok, splits, config, seed)
-        out = dict(seed=seed, warmup_steps=WARMUP_STEPS, arm_steps=ARM_STEPS, warm_up_losses=warm[::5] + warm[-1:])
-        for name in ("rd", "hytuning"):
+        out = dict(seed=seed, warmup_steps=WARMUP_STEPS, warm_up_losses=warm[::5] + warm[-1:])
+        for name, (steps, keys) in ARM_STEPS.items():
             torch.manual_seed(seed)
-            trainer = ArmTrainer(ARMS[name], copy.deepcopy(model), tok, splits, TrainConfig(steps=ARM_STEPS), seed)
-            logs = [trainer.step() for _ in range(ARM_STEPS)]
-            out[name] = {k: [float(log[k]) for log in logs] for k in ("loss", "lam", "prg_rd", "prg_rollouts")
-                         if logs[0][k] is not None}
+            trainer = ArmTrainer(ARMS[name], copy.deepcopy(model), tok, splits, TrainConfig(steps=steps), seed)
+            logs = [trainer.step() for _ in range(steps)]
+            out[name] = {k: [float(log[k]) for log in logs] for k in keys}
         return out
     finally:
         torch.use_deterministic_algorithms(deterministic)

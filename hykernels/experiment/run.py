@@ -4,10 +4,11 @@ For each seed: one tiny Llama, warmed up to partial competence (model.py); a cop
 (arms.py), post-trained for the same number of steps with the same optimiser; every
 ``eval_every`` steps, held-out accuracy and calibration of greedily generated answers
 (evaluate.py). Writes ``ablation.json`` (command, versions, the machine and commit, settings,
-per-seed and mean ± std numbers, differences between arms paired by seed, curves, training logs,
-PRG's signal for rollout correctness, and how much of the gap to RD on 10× the traces HyTuning
-closes), ``ablation_curves.png``, ``ablation_prg.png`` and one reliability diagram per arm (seeds
-pooled, after the last step) to ``out_dir``, and prints tables.
+per-seed and mean ± std numbers, differences between arms paired by seed, curves, PRG's signal
+for rollout correctness, and how much of the gap to RD on 10× the traces HyTuning closes),
+``ablation_logs.json.gz`` (every step's log, per-rollout PRG, self-certainty and correctness
+included), ``ablation_curves.png``, ``ablation_prg.png`` and one reliability diagram per arm
+(seeds pooled, after the last step) to ``out_dir``, and prints tables.
 
 Reproducibility: every seed's run is a deterministic function of the code, the seed and the
 floating-point results of torch's CPU kernels. Those results depend on which vector ISA ATen's
@@ -19,6 +20,7 @@ seeds do: conclusions are drawn from differences paired by seed, over enough see
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import platform
 import shlex
@@ -184,7 +186,7 @@ def _run(seeds, arms, split, out, model_config, train_config, eval_every, eval_s
             label=r["label"], final=mean_std(finals), final_per_seed=finals,
             change_from_base=paired(finals, base), curve=curve,
             final_examples=[e[train_config.steps]["examples"] for e in r["evals"]],
-            tokens_trained=[sum(x["tokens"] for x in logs) for logs in r["logs"]], train_log=r["logs"])
+            tokens_trained=[sum(x["tokens"] for x in logs) for logs in r["logs"]])
     finals = {name: a["final_per_seed"] for name, a in report["arms"].items()}
     report["comparisons"] = {f"{a} - {b}": paired(finals[a], finals[b]) for a, b in COMPARISONS
                              if a in finals and b in finals}
@@ -194,12 +196,17 @@ def _run(seeds, arms, split, out, model_config, train_config, eval_every, eval_s
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(report, indent=1))
+    # every step's log, the per-rollout PRG, self-certainty and correctness included (about 1 MB
+    # of JSON for 10 seeds): compact and gzipped beside the report
+    train_logs = {name: r["logs"] for name, r in results.items()}
+    with gzip.open(out / "ablation_logs.json.gz", "wt") as f:
+        json.dump(dict(seeds=list(seeds), arms=train_logs), f, separators=(",", ":"))
     pooled = {}  # the answered questions of every seed, after the last step
     for name, r in results.items():
         pairs = [(c, o) for e in r["evals"] for c, o in zip(e[train_config.steps]["confidence"],
                                                               e[train_config.steps]["correct"]) if c is not None]
         pooled[name] = ([c for c, _ in pairs], [o for _, o in pairs])
-    figures = plots(report, pooled, out)
+    figures = plots(report, pooled, train_logs, out)
     log("\n" + table(report) + "\n\n" + signal_table(report) + "\n\n" + less_vs_more_text(report))
     log(f"\nwrote {out / 'ablation.json'} and {len(figures)} figures to {out}/ in {report['wall_s']:.0f} s")
     return report
@@ -329,7 +336,7 @@ def less_vs_more_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(report: dict, pooled: dict, out: Path) -> list:
+def plots(report: dict, pooled: dict, train_logs: dict, out: Path) -> list:
     """Accuracy and ECE against steps per arm (mean ± std band), and a reliability diagram per
     arm; none without matplotlib."""
     try:
@@ -353,7 +360,7 @@ def plots(report: dict, pooled: dict, out: Path) -> list:
     paths = [out / "ablation_curves.png"]
     fig.savefig(paths[0], dpi=110)
     if "hytuning" in report["arms"]:
-        paths.append(prg_plot(report, out / "ablation_prg.png"))
+        paths.append(prg_plot(report, train_logs["hytuning"], out / "ablation_prg.png"))
     for name, (conf, correct) in pooled.items():
         if not conf:
             continue
@@ -364,13 +371,13 @@ def plots(report: dict, pooled: dict, out: Path) -> list:
     return paths
 
 
-def prg_plot(report: dict, path: Path) -> Path:
+def prg_plot(report: dict, train_log: list, path: Path) -> Path:
     """Histograms of the HyTuning arm's PRG (toward each rollout's own answer, and toward its
     group's majority answer) for correct rollouts, wrong rollouts and curated traces, every step
     and seed pooled."""
     from matplotlib.figure import Figure
 
-    logs = [log["signal"] for seed_logs in report["arms"]["hytuning"]["train_log"] for log in seed_logs]
+    logs = [log["signal"] for seed_logs in train_log for log in seed_logs]
     correct = np.array([x for s in logs for x in s["correct"]], dtype=bool)
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     bins = np.linspace(0, 1, 26)
