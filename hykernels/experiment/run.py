@@ -142,6 +142,7 @@ def run(*, seeds=(0, 1, 2), arms=tuple(ARMS), split="test", out_dir="experiments
 
 def _run(seeds, arms, split, out, model_config, train_config, eval_every, eval_size, command, log) -> dict:
     t0 = time.perf_counter()
+    machine = environment()  # at the start: the code this process loaded, not what the tree holds later
     reference = fingerprint()
     tok, splits = task.CharTokenizer(), task.make_splits()
     problems = getattr(splits, split)[:eval_size]
@@ -174,7 +175,7 @@ def _run(seeds, arms, split, out, model_config, train_config, eval_every, eval_s
 
     report = dict(
         command=command or "python -m hykernels experiment", versions=versions(), device=device(),
-        environment=environment(), fingerprint=reference, wall_s=None, split=split, eval_questions=len(problems),
+        environment=machine, fingerprint=reference, wall_s=None, split=split, eval_questions=len(problems),
         seeds=list(seeds), checkpoints=checkpoints, model=asdict(model_config), train=asdict(train_config),
         data=dict(curated=len(splits.curated), many=len(splits.many), queries=len(splits.queries),
                   val=len(splits.val), test=len(splits.test), data_seed=1234),
