@@ -201,10 +201,16 @@ def test_unknown_arm_is_refused():
 
 
 def test_majority_answers():
-    got = arms.majority_answers(["3", "4", "4", None, None, None, "7", "8", "8", "7"], group=5)
+    from hykernels.hytuning import majority_answers
+
+    got = majority_answers(["3", "4", "4", None, None, None, "7", "8", "8", "7"], 5)
     # group 1: 4 beats 3 (None does not vote); group 2: 7 and 8 tie, 7 seen first
     assert got == ["4"] * 5 + ["7"] * 5
-    assert arms.majority_answers([None, None], group=2) == [None, None]
+    assert majority_answers([None, None], 2) == [None, None] and majority_answers([], 3) == []
+    with pytest.raises(ValueError, match="answers: expected a multiple of group_size = 2 rollouts, got 3"):
+        majority_answers(["1", "2", "3"], 2)
+    with pytest.raises(ValueError, match="group_size: expected a positive int, got 0"):
+        majority_answers(["1"], 0)
 
 
 def test_rollout_traces_measure_support_toward_the_given_answer():

@@ -147,6 +147,31 @@ def test_loss_and_prg_equal_a_hand_assembly(model_dir, tmp_path):
     assert trainer._metrics["train"]["lambda"][-1] == pytest.approx(lam, abs=1e-5)
 
 
+def test_prg_toward_the_group_majority(model_dir, tmp_path):
+    """prg_answer="majority": each rollout's PRG is its reasoning's support for the answer its
+    group gave most often (separate probe forwards); a rollout without an answer keeps PRG 0.
+    Group 0 answered 5 and nothing: 5. Group 1 answered 12 and 7, a tie: 12, seen first."""
+    trainer = make_trainer(model_dir, tmp_path, prg_answer="majority")
+    measured, measure = [], trainer.measure_prg
+    trainer.measure_prg = lambda traces: measured.extend(traces) or measure(traces)
+    inputs = one_batch(trainer)
+    # the probes' answers: three answered rollouts (toward 5, 12, 12; "\nAnswer: 7" has no step, so
+    # its PRG is ¼ either way and only its probe shows the majority), then the curated traces
+    assert [TOK.decode(t.answer) for t in measured[:3]] == ["5", "12", "12"]
+    toward = {ROLLOUTS[0]: "5", ROLLOUTS[1]: None, ROLLOUTS[2]: "12", ROLLOUTS[3]: "12"}
+    seen = []
+    for (prompt, text), rd, got in zip(decoded_rows(inputs), inputs["is_rd"].tolist(), inputs["prg"].tolist()):
+        if rd:
+            continue
+        seen.append(text)
+        answer = toward[text]
+        want = 0.0 if answer is None else prg_by_separate_probes(trainer.model, prompt, text.partition(CUE)[0], answer)
+        assert got == pytest.approx(want, abs=1e-4), text
+    assert sorted(seen) == sorted(ROLLOUTS)
+    with pytest.raises(ValueError, match="prg_answer: expected one of"):
+        make_trainer(model_dir, tmp_path, prg_answer="consensus")
+
+
 def test_lambda_ema_across_steps_and_resume(model_dir, tmp_path):
     """(c) λ follows its EMA over optimisation steps (gradient accumulation 2: one generation of 2
     micro-batches per step); a checkpoint holds λ and resuming continues from it."""

@@ -23,14 +23,14 @@ and how they are weighed:
 from __future__ import annotations
 
 import random
-from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .. import functional as F
-from ..hytuning import HyTuningConfig, HyTuningLoss, ProbeTrace, build_probes, prg_loss, rollout_rewards
+from ..hytuning import (HyTuningConfig, HyTuningLoss, ProbeTrace, build_probes, majority_answers, prg_loss,
+                        rollout_rewards)
 from ..integrations.transformers import lm_head, probe_support
 from . import task
 from .evaluate import correctness, generate
@@ -68,17 +68,6 @@ class TrainConfig:
     group: int = 8  # rollouts per query
     lr: float = 1e-4  # the rate the warm-up ends at (ModelConfig): post-training goes on at it
     max_new: int = 40
-
-
-def majority_answers(answers: list, group: int) -> list:
-    """Per rollout, the most frequent answer among its group's ``group`` consecutive rollouts
-    (ties to the one seen first; None answers do not vote); None for a group where no rollout
-    answered."""
-    out = []
-    for g in range(0, len(answers), group):
-        votes = Counter(a for a in answers[g:g + group] if a is not None)
-        out += [votes.most_common(1)[0][0] if votes else None] * len(answers[g:g + group])
-    return out
 
 
 def rollout_traces(tok: task.CharTokenizer, problems: list, responses: list, toward: list = None) -> list:

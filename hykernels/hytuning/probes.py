@@ -9,6 +9,7 @@ Tokens processed: |x| + |s| + (K+1)(|cue| + |a|) instead of Σ_k (|x| + |s_≤k|
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
@@ -39,6 +40,27 @@ def _ids(name: str, value) -> list[int]:
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise TypeError(f"{name}: expected a sequence of int token ids")
     return ids
+
+
+def majority_answers(answers: Sequence, group_size: int) -> list:
+    """The label-free PRG target "majority" (docs/math.md §3): per rollout, the answer given most
+    often in its group of ``group_size`` consecutive rollouts (ties to the one seen first; None
+    does not vote), or None for a group where no rollout answered.
+
+    Args:
+        answers: one per rollout (strings, token tuples or any hashable; None: no answer), the
+            rollouts of a group consecutive, as GRPO samplers lay them out.
+        group_size: rollouts per prompt; ``len(answers)`` must be a multiple of it.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
+    if len(answers) % group_size:
+        raise ValueError(f"answers: expected a multiple of group_size = {group_size} rollouts, got {len(answers)}")
+    out = []
+    for g in range(0, len(answers), group_size):
+        votes = Counter(a for a in answers[g:g + group_size] if a is not None)
+        out += [votes.most_common(1)[0][0] if votes else None] * group_size
+    return out
 
 
 def step_delimiters(tokenizer, text: str = "\n\n") -> list[list[int]]:

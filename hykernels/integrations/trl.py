@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 try:
+    from accelerate.utils import gather_object
     from trl import GRPOConfig, GRPOTrainer
     from trl.models.utils import disable_gradient_checkpointing
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -26,7 +27,8 @@ from torch.nn.utils.rnn import pad_sequence
 from .. import prg_gains, token_stats
 from .._types import PRG_VARIANTS
 from ..hytuning import (LOSS_TYPES, HyTuningConfig, HyTuningLoss, ProbeTrace, build_probes, gate_rewards,
-                        group_advantages, grpo_token_weights, prg_loss, rollout_rewards, step_delimiters)
+                        group_advantages, grpo_token_weights, majority_answers, prg_loss, rollout_rewards,
+                        step_delimiters)
 from ..hytuning.probes import DEFAULT_MAX_STEPS
 from ..hytuning.rewards import GATED_VARIANTS
 from ._trl_rows import TRACE_COLUMNS, TraceSampler, merge_rows, split_completion, trace_row, trace_rows
@@ -36,6 +38,7 @@ __all__ = ["HyTuningTrainerConfig", "HyTuningTrainer"]
 
 STATE_FILE = "hytuning_state.json"  # λ and the trace sampler, in every checkpoint directory
 _DEFAULTS = HyTuningConfig()
+PRG_ANSWERS = ("own", "majority")  # whose answer a rollout's PRG measures support for
 # HyTuningConfig fields that GRPOConfig already has a knob for (hytuning_config maps them)
 _MAPPED = ("kl_coef", "entropy_coef", "clip_eps", "std_normalize")
 
@@ -106,6 +109,9 @@ class HyTuningTrainerConfig(GRPOConfig):
     prg_variant: str = field(**_help(f"The PRG variant, one of {PRG_VARIANTS}; rewards are gated only by "
                                      f"{GATED_VARIANTS}.", _DEFAULTS.prg_variant))
     gate_rewards: bool = field(**_help("Gate rollout rewards by PRG, u' = PRG·u.", _DEFAULTS.gate_rewards))
+    prg_answer: str = field(**_help(
+        "Whose answer a rollout's PRG measures support for: 'own', or 'majority', the answer given most often in "
+        "its group (over every process; label-free).", "own"))
     traces_per_step: int | None = field(**_help(
         "Curated traces per optimisation step on each process (divisible by gradient_accumulation_steps); "
         "0: RLIF only; default: per_device_train_batch_size · gradient_accumulation_steps."))
@@ -148,6 +154,7 @@ class HyTuningTrainerConfig(GRPOConfig):
         need(number("eps") and self.eps > 0, "eps", "a number > 0")
         need(self.prg_variant in PRG_VARIANTS, "prg_variant", f"one of {PRG_VARIANTS}")
         need(isinstance(self.gate_rewards, bool), "gate_rewards", "a bool")
+        need(self.prg_answer in PRG_ANSWERS, "prg_answer", f"one of {PRG_ANSWERS}")
         ga = self.gradient_accumulation_steps
         need(isinstance(self.traces_per_step, int) and not isinstance(self.traces_per_step, bool)
              and self.traces_per_step >= 0 and self.traces_per_step % ga == 0, "traces_per_step",
@@ -214,7 +221,9 @@ class HyTuningTrainer(GRPOTrainer):
        pass). PRG of traces and answered rollouts comes from packed probes (§3: build_probes,
        one forward of the policy per per_device_train_batch_size traces, in eval mode, without
        gradient; the FlexAttention block mask for attn_implementation="flex_attention", else the
-       dense mask). A rollout without an answer has PRG 0, so its gated reward is 0.
+       dense mask). A rollout's probes end with its own answer, or with prg_answer="majority" the
+       answer its group gave most often (label-free). A rollout without an answer has PRG 0, so
+       its gated reward is 0.
     3. Rewards u = TRL's weighted sum of the reward functions; u′ = PRG·u when gate_rewards and
        prg_variant is in [0, 1]; the advantages are §4's group advantages of u′ (population
        std + eps, or none for scale_rewards="none"); a rollout every reward function scored
@@ -401,18 +410,30 @@ class HyTuningTrainer(GRPOTrainer):
             model.train(was_training)
         return torch.cat(scores).float()
 
-    def _rollout_probe(self, prompt_ids: list, completion_ids: list):
-        """A rollout's ProbeTrace (its own reasoning and answer), or None without an answer."""
-        split = split_completion(self._tokenizer.decode(completion_ids, skip_special_tokens=True),
-                                 self.args.answer_cue, self.answer_fn)
-        answer = self._encode(split[1]) if split else []
-        return ProbeTrace(prompt_ids, self._encode(split[0]), answer) if answer else None
+    def _rollout_probes(self, out: dict, mode: str) -> list:
+        """Each rollout's ProbeTrace: its own reasoning, and its own answer or (prg_answer
+        "majority") the one its group gave most often, gathered over every process; None for a
+        rollout without an answer (PRG 0)."""
+        prompts = [p[m.bool()].tolist() for p, m in zip(out["prompt_ids"], out["prompt_mask"])]
+        splits = [split_completion(self._tokenizer.decode(c[m.bool()].tolist(), skip_special_tokens=True),
+                                   self.args.answer_cue, self.answer_fn)
+                  for c, m in zip(out["completion_ids"], out["completion_mask"])]
+        answers = [split[1] if split and split[1] else None for split in splits]
+        if self.args.prg_answer == "majority":
+            size = self.num_generations if mode == "train" else self.num_generations_eval
+            everyone = gather_object(answers)  # TRL's sampler: each prompt's rollouts in a row, over processes
+            rank = self.accelerator.process_index
+            answers = majority_answers(everyone, size)[rank * len(answers):(rank + 1) * len(answers)]
+        probes = []
+        for prompt, split, answer in zip(prompts, splits, answers):
+            ids = self._encode(answer) if split and answer else []
+            probes.append(ProbeTrace(prompt, self._encode(split[0]), ids) if ids else None)
+        return probes
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
         mode, device = "train" if self.model.training else "eval", self.accelerator.device
-        rollouts = [self._rollout_probe(p[pm.bool()].tolist(), c[cm.bool()].tolist()) for p, pm, c, cm in
-                    zip(out["prompt_ids"], out["prompt_mask"], out["completion_ids"], out["completion_mask"])]
+        rollouts = self._rollout_probes(out, mode)
         answered = torch.tensor([r is not None for r in rollouts], device=device)
         chunks, per_chunk = (self.args.steps_per_generation if mode == "train" else 1), self.args.traces_per_micro_batch
         traces = [self._trace_rows[i] for i in self._sampler.draw(chunks * per_chunk)]
