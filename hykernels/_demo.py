@@ -200,15 +200,21 @@ def effect(seed: int, steps: int, warmup_steps: int, out_dir: str) -> None:
         print(f"reliability diagram skipped: {exc}")
 
 
-def _moved(name: str, a: float, b: float, better: str) -> str:
-    """'accuracy 0.515 -> 0.500 (worse)': which way a metric moved, judged by whether ``better``
-    is "higher" or "lower"; unchanged within 0.0005."""
-    if a is None or b is None:  # nothing answered: no calibration number
-        return f"{name} {'n/a' if a is None else f'{a:.3f}'} -> {'n/a' if b is None else f'{b:.3f}'}"
+def _verdict(a: float, b: float, better: str):
+    """How a metric moved from ``a`` to ``b``: "better" or "worse" by whether ``better`` is "higher"
+    or "lower", "unchanged" within 0.0005; None where either is missing (nothing answered)."""
+    if a is None or b is None:
+        return None
     if abs(b - a) < 5e-4:
-        verdict = "unchanged"
-    else:
-        verdict = "better" if (b > a) == (better == "higher") else "worse"
+        return "unchanged"
+    return "better" if (b > a) == (better == "higher") else "worse"
+
+
+def _moved(name: str, a: float, b: float, better: str) -> str:
+    """'accuracy 0.515 -> 0.500 (worse)'."""
+    verdict = _verdict(a, b, better)
+    if verdict is None:  # nothing answered: no calibration number
+        return f"{name} {'n/a' if a is None else f'{a:.3f}'} -> {'n/a' if b is None else f'{b:.3f}'}"
     return f"{name} {a:.3f} -> {b:.3f} ({verdict})"
 
 
@@ -225,12 +231,10 @@ def explain(before: dict, hytuning: dict, rlif: dict, lam: float, steps: int) ->
              f"{lam:.2f} at the end) and gates the self-certainty rewards by PRG; here: "
              + ", ".join((_moved("accuracy", before["accuracy"], hytuning["accuracy"], "higher"),
                           _moved("ECE", before["ece"], hytuning["ece"], "lower"))) + "."]
-    below = [m for m, better in (("accuracy", "higher"), ("ece", "lower"))
-             if before[m] is not None and hytuning[m] is not None and abs(hytuning[m] - before[m]) >= 5e-4
-             and (hytuning[m] < before[m]) == (better == "higher")]
-    if below:
-        lines.append(f"HyTuning ended worse than its start on {' and '.join('ECE' if m == 'ece' else m for m in below)}"
-                     " in this run.")
+    worse = [name for name, key, better in (("accuracy", "accuracy", "higher"), ("ECE", "ece", "lower"))
+             if _verdict(before[key], hytuning[key], better) == "worse"]
+    if worse:
+        lines.append(f"HyTuning ended worse than its start on {' and '.join(worse)} in this run.")
     acc_gap = hytuning["accuracy"] - rlif["accuracy"]
     lines.append(f"Against RLIF alone, HyTuning ended {abs(acc_gap):.3f} "
                  f"{'higher' if acc_gap > 0 else 'lower' if acc_gap < 0 else 'level'} in accuracy.")

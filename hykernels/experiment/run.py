@@ -37,7 +37,7 @@ from .. import __version__, metrics
 from . import task
 from .arms import ARMS, ArmTrainer, TrainConfig
 from .evaluate import evaluate, rank_auroc
-from .fingerprint import TOLERANCE, compare, fingerprint
+from .fingerprint import TOLERANCE, compare, deterministic_algorithms, fingerprint
 from .model import ModelConfig, tiny_model, warm_up
 
 METRICS = ("accuracy", "answered", "mean_confidence", "ece", "brier", "auroc", "aurc", "overconfidence_rate")
@@ -132,12 +132,8 @@ def run(*, seeds=(0, 1, 2), arms=tuple(ARMS), split="test", out_dir="experiments
         log: where progress lines go (``print``).
     """
     model_config, train_config = model_config or ModelConfig(), train_config or TrainConfig()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # no nondeterministic kernel on the CPU path; refuse one if it appears
-    try:
+    with deterministic_algorithms():
         return _run(seeds, arms, split, Path(out_dir), model_config, train_config, eval_every, eval_size, command, log)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
 
 
 def _run(seeds, arms, split, out, model_config, train_config, eval_every, eval_size, command, log) -> dict:
@@ -188,9 +184,9 @@ def _run(seeds, arms, split, out, model_config, train_config, eval_every, eval_s
             change_from_base=paired(finals, base), curve=curve,
             final_examples=[e[train_config.steps]["examples"] for e in r["evals"]],
             tokens_trained=[sum(x["tokens"] for x in logs) for logs in r["logs"]])
-    finals = {name: a["final_per_seed"] for name, a in report["arms"].items()}
-    report["comparisons"] = {f"{a} - {b}": paired(finals[a], finals[b]) for a, b in COMPARISONS
-                             if a in finals and b in finals}
+    per_seed = {name: a["final_per_seed"] for name, a in report["arms"].items()}
+    report["comparisons"] = {f"{a} - {b}": paired(per_seed[a], per_seed[b]) for a, b in COMPARISONS
+                             if a in per_seed and b in per_seed}
     report["prg_signal"] = {name: prg_signal(r["logs"], checkpoints) for name, r in results.items()
                             if ARMS[name].use_prg}
     report["less_vs_more"] = less_vs_more(report)
