@@ -474,10 +474,14 @@ class HyTuningTrainer(GRPOTrainer):
 
     # --- the loss: one forward, one prg_loss ------------------------------------------------------
 
+    def _accumulation(self, training: bool) -> int:
+        """The gradient-accumulation steps a training micro-batch's loss is divided by (1 in eval)."""
+        return self.current_gradient_accumulation_steps if training else 1
+
     def _loss_type_weights(self, mask, inputs, training):
         """TRL's loss_type normalisation of rollout tokens ([rollouts, C]) as per-token weights,
         its division by the gradient-accumulation steps included."""
-        accumulation = self.current_gradient_accumulation_steps if training else 1
+        accumulation = self._accumulation(training)
         if self.loss_type == "dapo":  # num_items_in_batch counts the generation batch's rollout tokens
             tokens = inputs["num_items_in_batch"].clamp(min=1) / self.accelerator.num_processes
             if training:  # the generation batch is split over steps_per_generation micro-batches
@@ -488,7 +492,7 @@ class HyTuningTrainer(GRPOTrainer):
     def _token_norm(self, rd_on, rl_on, is_rd, inputs, training):
         """prg_loss's token_norm: RD tokens the micro-batch's token mean (SFT's cross-entropy),
         rollout tokens TRL's loss_type weights; both ÷ the accumulation steps in training."""
-        accumulation = self.current_gradient_accumulation_steps if training else 1
+        accumulation = self._accumulation(training)
         norm = rd_on / (rd_on.sum().clamp(min=1) * accumulation)
         if bool((~is_rd).any()):
             norm[~is_rd] = self._loss_type_weights(rl_on[~is_rd].long(), inputs, training).to(norm)
@@ -509,7 +513,7 @@ class HyTuningTrainer(GRPOTrainer):
         entropy_norm = None
         if self._entropy_bonus_enabled:
             on = rl_on if entropy_mask is None else rl_on & entropy_mask
-            accumulation = self.current_gradient_accumulation_steps if training else 1
+            accumulation = self._accumulation(training)
             entropy_norm = on / (on.sum().clamp(min=1) * accumulation)
         return scale, entropy_norm
 
