@@ -35,9 +35,11 @@ def random_traces(rng, vocab, n, max_steps=5):
         reasoning = [t for s in steps for t in s]
         if i % 3 == 1 and reasoning:
             reasoning = reasoning[:-1]  # last step without a closing delimiter
+        # every other trace brings its own cue (encode_answer's: as the tokenizer spells it before this answer)
+        own_cue = [rng.randrange(10, vocab) for _ in range(rng.randint(1, 3))] if i % 2 else None
         traces.append(ProbeTrace(prompt=[rng.randrange(10, vocab) for _ in range(rng.randint(1, 6))],
                                  reasoning=reasoning,
-                                 answer=[rng.randrange(10, vocab) for _ in range(rng.randint(1, 3))]))
+                                 answer=[rng.randrange(10, vocab) for _ in range(rng.randint(1, 3))], cue=own_cue))
     return traces
 
 

@@ -27,12 +27,16 @@ class ProbeTrace(NamedTuple):
         answer: Token ids of the answer (gold for RD, the rollout's own for RLIF); not empty.
         step_ends: Optional exclusive step ends into ``reasoning`` (strictly increasing, the
             last one len(reasoning)); given, they replace delimiter splitting for this trace.
+        cue: Optional answer-cue token ids of this trace, replacing build_probes' ``cue``: the
+            cue as the tokenizer spells it before this very answer (encode_answer), where a
+            tokenizer merges the cue's end into the answer's first token.
     """
 
     prompt: Sequence[int]
     reasoning: Sequence[int]
     answer: Sequence[int]
     step_ends: Optional[Sequence[int]] = None
+    cue: Optional[Sequence[int]] = None
 
 
 def _ids(name: str, value) -> list[int]:
@@ -80,6 +84,53 @@ def step_delimiters(tokenizer, text: str = "\n\n") -> list[list[int]]:
     return [list(d) for d in sorted(found, key=lambda d: (-len(d), d))]
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_answer(tokenizer, reasoning: str, cue: str, answer: str) -> tuple[list[int], list[int], list[int]]:
+    """(reasoning, cue, answer) token ids of the text ``reasoning + cue + answer`` encoded as ONE
+    text, so every part holds the tokens the tokenizer gives it in context.
+
+    Encoded apart, the parts are a split the model never sees: a byte-level BPE spells
+    "\\nAnswer: 16" Ċ Answer : Ġ16, but "\\nAnswer: " + "16" Ċ Answer : Ġ 1 6; a SentencePiece
+    tokenizer merges the cue's space into "▁Paris" and puts a spurious "▁" before a cue encoded
+    on its own. Here the answer is every token from the first one that differs between the
+    encodings of ``reasoning + cue + answer`` and ``reasoning + cue`` (so a token shared by the
+    cue's end and the answer's start belongs to the answer), the reasoning the longest prefix
+    that equals the reasoning's own encoding, and the cue what lies between.
+
+    Args:
+        tokenizer: A transformers tokenizer (``encode``; no special tokens are added).
+        reasoning: The text before the cue ("" for none).
+        cue: The answer cue, e.g. "\\nAnswer: ".
+        answer: The answer text, not empty.
+
+    Returns:
+        (reasoning ids, cue ids, answer ids); their concatenation is the encoding of the whole text.
+
+    Raises:
+        ValueError: An empty answer, or a cue left with no token of its own (the probes need one
+            before each answer copy), naming the cue and the answer.
+    """
+    def enc(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+    if not answer:
+        raise ValueError("answer: expected a non-empty answer text")
+    full = enc(reasoning + cue + answer)
+    starts = _common_prefix(full, enc(reasoning + cue))
+    ends = _common_prefix(full[:starts], enc(reasoning))
+    if starts >= len(full) or starts == ends:
+        raise ValueError(f"cue: {cue!r} keeps no token of its own before the answer {answer!r} "
+                         f"(the tokenizer spells {reasoning[-20:] + cue + answer!r} as {full[-8:]}); "
+                         "use a cue that ends with a token of its own, e.g. one ending in ':'")
+    return full[:ends], full[ends:starts], full[starts:]
+
+
 def find_step_ends(reasoning: Sequence[int], delimiters: Sequence[Sequence[int]]) -> list[int]:
     """Exclusive step ends: a step ends right after each occurrence of any delimiter token
     sequence (the first listed that matches: list longer ones first; the delimiter belongs to
@@ -110,6 +161,16 @@ def _check_step_ends(ends: list[int], length: int) -> None:
     if any(b <= a for a, b in zip([0] + ends, ends)) or (ends and ends[-1] != length):
         raise ValueError(f"step_ends: expected strictly increasing ends in (0, {length}] ending at "
                          f"{length} (the reasoning length), got {ends}")
+
+
+def _trace_cue(t: int, trace: ProbeTrace, cue: list[int]) -> list[int]:
+    """The cue before trace ``t``'s answer copies: its own when it has one, else the batch's."""
+    if trace.cue is None:
+        return cue
+    own = _ids("cue", trace.cue)
+    if not own:
+        raise ValueError(f"cue: trace {t} has an empty cue (the answer cue precedes each answer copy)")
+    return own
 
 
 def _split_trace(t: int, trace: ProbeTrace, delimiters: list[list[int]], max_steps: int):
@@ -202,7 +263,8 @@ def build_probes(
     Args:
         traces: The traces (ProbeTrace), at least one.
         cue: Answer-cue token ids (e.g. the tokenizer's ids for "\\nAnswer: "), at least one,
-            so the first answer token is predicted inside its own copy.
+            so the first answer token is predicted inside its own copy; a trace with its own
+            ``cue`` (encode_answer's) uses that instead.
         delimiters: Step delimiter token sequences (e.g. step_delimiters(tokenizer)) for traces
             without explicit ``step_ends``; longer ones first. None given: one step per trace.
         max_steps: Steps beyond this many are merged evenly (merge_steps).
@@ -219,7 +281,7 @@ def build_probes(
         TypeError: Token ids that are not ints.
     """
     cue = _ids("cue", cue)
-    if not cue:
+    if not cue and any(trace.cue is None for trace in traces):
         raise ValueError("cue: expected at least one token (the answer cue precedes each answer copy)")
     if not traces:
         raise ValueError("traces: expected at least one trace")
@@ -232,6 +294,7 @@ def build_probes(
     probes_before = 0  # global index of this trace's probe 0
     for t, trace in enumerate(traces):
         prompt, reasoning, answer, ends = _split_trace(t, trace, delimiters, max_steps)
+        cue_t = _trace_cue(t, trace, cue)
         num_steps.append(len(ends))
         context = prompt + reasoning
         ids, pos = list(context), list(range(len(context)))
@@ -239,11 +302,11 @@ def build_probes(
         for k, end in enumerate([0] + ends):
             seen = len(prompt) + end  # copy k sees the prompt and steps 1..k
             start = len(ids)
-            ids += cue + answer
-            pos += list(range(seen, seen + len(cue) + len(answer)))
-            copy += [k] * (len(cue) + len(answer))
-            vis += [seen] * (len(cue) + len(answer))
-            first = start + len(cue) - 1  # hidden state that predicts answer[0]
+            ids += cue_t + answer
+            pos += list(range(seen, seen + len(cue_t) + len(answer)))
+            copy += [k] * (len(cue_t) + len(answer))
+            vis += [seen] * (len(cue_t) + len(answer))
+            first = start + len(cue_t) - 1  # hidden state that predicts answer[0]
             rows += [(t, first + j) for j in range(len(answer))]
             targets += answer
             spans += [probes_before + k] * len(answer)
@@ -280,8 +343,9 @@ def separate_probes(trace: ProbeTrace, *, cue: Sequence[int], delimiters: Sequen
     first answer token), probe 0 first.
     """
     prompt, reasoning, answer, ends = _split_trace(0, trace, [_ids("delimiters", d) for d in delimiters], max_steps)
+    cue = _trace_cue(0, trace, _ids("cue", cue))
     out = []
     for end in [0] + ends:
-        seq = prompt + reasoning[:end] + list(cue)
+        seq = prompt + reasoning[:end] + cue
         out.append((seq + answer, len(seq)))
     return out
