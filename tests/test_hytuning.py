@@ -30,7 +30,7 @@ def batch(rng, kinds=(True, True, False, False, False, False), dtype=torch.float
                 rewards=torch.randn(len(kinds), generator=rng, dtype=torch.float64).to(dtype), group_ids=torch.tensor([7, 7, 3, 3, 3, 9])[:len(kinds)])
 
 
-def transcription(b, cfg, lam=None):
+def transcription(b, cfg, lam=None, rd_prg_mean=None):
     """§4 + §6 written out per sequence and per token, autograd through fp64 oracle stats."""
     st = oracle.stats(b["h"], b["w"], b["y"])
     prg, is_rd = b["prg"].double(), b["is_rd"]
@@ -43,7 +43,7 @@ def transcription(b, cfg, lam=None):
         else:
             gap = prg[is_rd].mean() - prg[~is_rd].mean()
             lam = min(max(cfg.lambda0 + cfg.kappa * gap.item(), cfg.lambda_min), cfg.lambda_max)
-    mean_rd = prg[is_rd].mean() if is_rd.any() else None
+    mean_rd = rd_prg_mean if rd_prg_mean is not None else prg[is_rd].mean() if is_rd.any() else None
     adv = torch.zeros(S, dtype=torch.float64)
     rl = [i for i in range(S) if not is_rd[i]]
     for g in set(b["group_ids"][rl].tolist()):
@@ -85,6 +85,23 @@ def test_prg_loss_equals_transcription(rng, backend, kinds):
     torch.testing.assert_close(loss.double(), want.double(), **tol)
     for a, g in zip(torch.autograd.grad(loss, (b["h"], b["w"])), torch.autograd.grad(want, (b["h"], b["w"]))):
         torch.testing.assert_close(a.double(), g.double(), **tol)
+
+
+def test_rd_prg_mean_normalises_trace_weights(rng):
+    """rd_prg_mean (a whole batch's mean PRG of traces, when it is split over calls) replaces this
+    call's own mean in w_i, and nothing else."""
+    b = batch(rng)
+    cfg = HyTuningConfig()
+    kw = dict(prg=b["prg"], is_rd=b["is_rd"], rewards=b["rewards"], group_ids=b["group_ids"])
+    loss, out = hk.prg_loss(b["h"], b["w"], b["y"], b["seq_ids"], rd_prg_mean=0.37, **kw)
+    want, _, _ = transcription(b, cfg, rd_prg_mean=0.37)
+    torch.testing.assert_close(loss.double(), want.double(), rtol=1e-9, atol=1e-12)
+    w = (b["prg"][:2] / (0.37 + cfg.eps)).clamp(cfg.rd_weight_min, cfg.rd_weight_max)
+    torch.testing.assert_close(out.rd_weights[:2], w)
+    own, _ = hk.prg_loss(b["h"], b["w"], b["y"], b["seq_ids"], rd_prg_mean=float(b["prg"][:2].mean()), **kw)
+    torch.testing.assert_close(own, hk.prg_loss(b["h"], b["w"], b["y"], b["seq_ids"], **kw)[0])
+    with pytest.raises(ValueError, match="rd_prg_mean: expected a finite number"):
+        hk.prg_loss(b["h"], b["w"], b["y"], b["seq_ids"], rd_prg_mean=float("nan"), **kw)
 
 
 def test_prg_loss_takes_batched_tokens(rng):

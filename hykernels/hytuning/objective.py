@@ -96,11 +96,14 @@ def effective_lambda(lam: Optional[float], is_rd: torch.Tensor) -> float:
     return 0.0 if not bool(is_rd.any()) else float(lam)
 
 
-def rd_sequence_weights(prg: torch.Tensor, is_rd: torch.Tensor, config: HyTuningConfig) -> torch.Tensor:
-    """w_i = clamp(PRG_i / (mean_RD PRG + ε), min, max) for RD sequences, 0 for the others."""
+def rd_sequence_weights(prg: torch.Tensor, is_rd: torch.Tensor, config: HyTuningConfig,
+                        rd_prg_mean: Optional[float] = None) -> torch.Tensor:
+    """w_i = clamp(PRG_i / (mean_RD PRG + ε), min, max) for RD sequences, 0 for the others; the
+    mean is ``rd_prg_mean`` where given (a trainer's whole batch), else over this batch's RD sequences."""
     if not bool(is_rd.any()):
         return torch.zeros_like(prg)
-    w = (prg / (prg[is_rd].mean() + config.eps)).clamp(config.rd_weight_min, config.rd_weight_max)
+    mean = prg[is_rd].mean() if rd_prg_mean is None else rd_prg_mean
+    w = (prg / (mean + config.eps)).clamp(config.rd_weight_min, config.rd_weight_max)
     return torch.where(is_rd, w, torch.zeros_like(w))
 
 
@@ -121,7 +124,8 @@ def rlif_advantages(prg, is_rd, config, advantages=None, rewards=None, group_ids
 
 def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, rewards=None, group_ids=None,
              old_logp=None, ref_logp=None, lam: Optional[float] = None, config: Optional[HyTuningConfig] = None,
-             token_norm=None, ppo_scale=None, entropy_norm=None, **logit_kwargs):
+             token_norm=None, ppo_scale=None, entropy_norm=None, rd_prg_mean: Optional[float] = None,
+             **logit_kwargs):
     """HyTuning loss of one packed batch (docs/math.md §6), one `fused_loss` call.
 
     RD tokens of sequence i get a_t = λ·w_i/T_RD with w_i = clamp(PRG_i / (mean_RD PRG + ε),
@@ -134,7 +138,9 @@ def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, r
     per token: ``token_norm`` replaces 1/T_RD and 1/T_RLIF (a_t = λ·w_i·n_t, b_t = (1 − λ)·n_t),
     ``ppo_scale`` multiplies the PPO term of RLIF tokens only (an importance-sampling correction,
     an entropy mask; not the KL), and ``entropy_norm`` replaces b_t in the entropy bonus
-    (e_t = entropy_coef·(1 − λ)·entropy_norm_t).
+    (e_t = entropy_coef·(1 − λ)·entropy_norm_t). When one batch of traces is spread over several
+    calls (micro-batches, processes), ``rd_prg_mean`` gives the mean PRG of all its traces, so
+    w_i does not depend on how the batch is split.
 
     Args:
         hidden: [..., D] hidden states, as for fused_loss.
@@ -158,6 +164,7 @@ def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, r
             of RLIF tokens only; None: 1.
         entropy_norm: Per-token normalisation of the entropy bonus replacing b_t:
             e_t = entropy_coef·(1 − λ)·entropy_norm_t; None: e_t = entropy_coef·b_t.
+        rd_prg_mean: The mean_RD PRG that w_i divides by; None: over this call's RD sequences.
         **logit_kwargs: bias, temperature, softcap, ignore_index, backend, chunk_size and
             process_group (vocabulary-parallel weight), as for fused_loss; also fused_loss's
             importance_sampling_level and use_bias_correction_kl (sequences are the rows of
@@ -178,7 +185,7 @@ def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, r
         (("token_norm", token_norm), ("ppo_scale", ppo_scale), ("entropy_norm", entropy_norm)))
     rd_tok, rlif_tok, adv_tok, lam, w_rd, adv = prg_token_weights(
         targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, token_norm, lam,
-        logit_kwargs.get("ignore_index", -100), *flat(config))
+        None if rd_prg_mean is None else float(rd_prg_mean), logit_kwargs.get("ignore_index", -100), *flat(config))
     terms = dict(rd_weight=rd_tok, rlif_weight=rlif_tok if ppo_scale is None else rlif_tok * ppo_scale,
                  advantages=adv_tok, old_logp=old_logp, clip_eps=config.clip_eps)
     if config.kl_coef:
@@ -200,17 +207,20 @@ def _per_token_factor(name: str, value, targets, prg) -> Optional[torch.Tensor]:
 
 
 def token_weights(targets, seq_ids, *, prg, is_rd, advantages, rewards, group_ids, lam: Optional[float],
-                  config: HyTuningConfig, ignore_index: int, token_norm: Optional[torch.Tensor] = None):
+                  config: HyTuningConfig, ignore_index: int, token_norm: Optional[torch.Tensor] = None,
+                  rd_prg_mean: Optional[float] = None):
     """prg_loss's constants, validated: (rd_weight, rlif_weight, advantages per token, shaped like
     targets; λ as a 0-dim fp64 CPU tensor; w [S]; A [S]). ``token_norm`` (like targets) replaces
-    the token means 1/T_RD and 1/T_RLIF."""
+    the token means 1/T_RD and 1/T_RLIF; ``rd_prg_mean`` the mean PRG w_i divides by."""
     seqs = check_sequence_inputs(targets, seq_ids, prg=prg, is_rd=is_rd, advantages=advantages,
                                  rewards=rewards, group_ids=group_ids)
     if lam is None:
         lam = mix_lambda(seqs.prg, seqs.is_rd, config)
     lam = effective_lambda(lam, seqs.is_rd)
     prg, is_rd, seq_ids = seqs.prg, seqs.is_rd, seqs.seq_ids.reshape(targets.shape)  # terms shaped like targets
-    w_rd = rd_sequence_weights(prg, is_rd, config)
+    if rd_prg_mean is not None and not math.isfinite(rd_prg_mean):
+        raise ValueError(f"rd_prg_mean: expected a finite number, got {rd_prg_mean}")
+    w_rd = rd_sequence_weights(prg, is_rd, config, rd_prg_mean)
     adv = rlif_advantages(prg, is_rd, config, seqs.advantages, seqs.rewards, seqs.group_ids)
     seq = seq_ids.clamp(min=0)
     has_target = (seq_ids >= 0) & (targets.reshape(seq_ids.shape) != ignore_index)
@@ -226,19 +236,21 @@ def token_weights(targets, seq_ids, *, prg, is_rd, advantages, rewards, group_id
 
 @torch.library.custom_op("hykernels::prg_token_weights", mutates_args=(),
                          schema="(Tensor targets, Tensor seq_ids, Tensor prg, Tensor is_rd, Tensor? advantages, "
-                                "Tensor? rewards, Tensor? group_ids, Tensor? token_norm, float? lam, int ignore_index, "
+                                "Tensor? rewards, Tensor? group_ids, Tensor? token_norm, float? lam, float? rd_prg_mean, "
+                                "int ignore_index, "
                                 f"{schema_of(HyTuningConfig)}) -> (Tensor rd_weight, Tensor rlif_weight, "
                                 "Tensor token_advantages, Tensor lam, Tensor rd_weights, Tensor advantages)")
-def prg_token_weights(targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, token_norm, lam, ignore_index,
-                      *config):
+def prg_token_weights(targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, token_norm, lam, rd_prg_mean,
+                      ignore_index, *config):
     """token_weights as a custom op: torch.compile sees only its output shapes."""
     return distinct(token_weights(targets, seq_ids, prg=prg, is_rd=is_rd, advantages=advantages, rewards=rewards,
                                   group_ids=group_ids, lam=lam, config=build(HyTuningConfig, config),
-                                  ignore_index=ignore_index, token_norm=token_norm))
+                                  ignore_index=ignore_index, token_norm=token_norm, rd_prg_mean=rd_prg_mean))
 
 
 @prg_token_weights.register_fake
-def _(targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, token_norm, lam, ignore_index, *config):
+def _(targets, seq_ids, prg, is_rd, advantages, rewards, group_ids, token_norm, lam, rd_prg_mean, ignore_index,
+      *config):
     adv = prg.dtype if advantages is None else advantages.dtype
     tokens = [prg.new_empty(targets.shape, dtype=dtype) for dtype in (prg.dtype, prg.dtype,
                                                                         torch.promote_types(adv, prg.dtype))]
