@@ -41,7 +41,7 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def make_trainer(model_dir, out, traces=TRACES, peft_config=None, **config):
+def make_trainer(model_dir, out, traces=TRACES, peft_config=None, eval_traces=None, reward_funcs=None, **config):
     args = dict(output_dir=str(out), per_device_train_batch_size=4, num_generations=2, max_completion_length=32,
                 learning_rate=1e-2, beta=0.0, traces_per_step=2, logging_steps=1, report_to=[], use_cpu=True,
                 bf16=False, save_strategy="no", disable_tqdm=True, max_steps=2, seed=0)
@@ -49,7 +49,8 @@ def make_trainer(model_dir, out, traces=TRACES, peft_config=None, **config):
     trainer = HyTuningTrainer(model=str(model_dir), args=HyTuningTrainerConfig(**args),
                               train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
                               trace_dataset=None if traces is None else Dataset.from_list(traces), processing_class=TOK,
-                              peft_config=peft_config)
+                              peft_config=peft_config, reward_funcs=reward_funcs,
+                              eval_trace_dataset=None if eval_traces is None else Dataset.from_list(eval_traces))
     canned = [TOK.encode(t, add_special_tokens=False) + [TOK.eos_token_id] for t in ROLLOUTS]
     trainer._generate_single_turn = lambda prompt_ids, *a, **k: ([canned[i % 4] for i in range(len(prompt_ids))], None)
     return trainer
@@ -235,12 +236,30 @@ def trl_loss(trainer, inputs, trl_logps, monkeypatch):
         return trl.GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
 
 
+TRL_METRICS = ("entropy", "kl", "policy_loss", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+               "clip_ratio/low_min", "clip_ratio/high_max", "aux_loss")
+
+
+def logged(trainer, compute):
+    """(what compute() returns, the metrics it logged)."""
+    trainer._metrics["train"].clear()
+    out = compute()
+    return out, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
 def assert_same_loss(trainer, inputs, trl_logps, monkeypatch, msg=""):
+    """Loss, lm_head gradient and every metric TRL logs equal TRL's own _compute_loss's."""
     weight = trainer.model.get_output_embeddings().weight
-    mine, theirs = trainer._compute_loss(trainer.model, inputs), trl_loss(trainer, inputs, trl_logps, monkeypatch)
+    mine, my_log = logged(trainer, lambda: trainer._compute_loss(trainer.model, inputs))
+    theirs, their_log = logged(trainer, lambda: trl_loss(trainer, inputs, trl_logps, monkeypatch))
     torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=msg)
     torch.testing.assert_close(*(torch.autograd.grad(x, weight)[0] for x in (mine, theirs)), rtol=1e-4, atol=1e-6,
                                msg=msg)
+    compared = [k for k in TRL_METRICS if k in their_log]
+    assert {"clip_ratio/region_mean", "entropy"} <= set(compared), their_log
+    for key in compared:
+        assert my_log[key] == pytest.approx(their_log[key], rel=1e-4, abs=1e-6), (msg, key)
+    assert "policy_loss" in my_log  # logged always (TRL logs it only with the entropy bonus)
     return mine
 
 
@@ -357,21 +376,39 @@ def test_import_without_trl_says_what_to_install():
     assert 'pip install "hykernels[trl]"' in r.stdout
 
 
+EVAL_TRACES = [dict(prompt="Q: 3+3\n", reasoning="3+3 = 6", answer="6"), dict(prompt="Q: 1+1\n", reasoning="", answer="2")]
+
+
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_metrics_are_logged_and_eval_runs(model_dir, tmp_path, bf16):
-    """One training step logs every HyTuning metric (finite; bf16: under TRL's autocast), and
-    evaluate() runs the same batch layout without moving λ."""
-    trainer = make_trainer(model_dir, tmp_path, max_steps=1, bf16=bf16, per_device_eval_batch_size=4)
+    """One training step logs every HyTuning metric and TRL's health metrics (finite; bf16: under
+    TRL's autocast). evaluate() runs the same batch layout without moving λ or the training trace
+    sampler: its RD rows are eval_trace_dataset's, the same ones at every evaluation; without
+    eval traces it scores the rollouts alone."""
+    trainer = make_trainer(model_dir, tmp_path, max_steps=1, bf16=bf16, per_device_eval_batch_size=4,
+                           eval_traces=EVAL_TRACES)
     trainer.train()
     log = trainer.state.log_history[0]
     for key in ("lambda", "prg_traces", "prg_rollouts", "reward", "reward_gated", "rd_nll", "entropy", "answered",
-                "rd_tokens", "rlif_tokens", "rewards/self_certainty/mean", "loss"):
+                "rd_tokens", "rlif_tokens", "rewards/self_certainty/mean", "loss", "policy_loss",
+                "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+                "clip_ratio/high_max"):
         assert key in log and math.isfinite(log[key]), key
     assert log["answered"] == 0.75 and log["rd_tokens"] > 0
-    lam = float(trainer.hytuning.lam)
-    metrics = trainer.evaluate(Dataset.from_dict({"prompt": PROMPTS * 2}))
-    assert math.isfinite(metrics["eval_loss"]) and metrics["eval_rd_tokens"] > 0 and metrics["eval_answered"] == 0.75
-    assert float(trainer.hytuning.lam) == lam
+    lam, drawn = float(trainer.hytuning.lam), trainer._sampler.drawn
+    seen = []
+    merge = trainer._prepare_inputs
+    trainer._prepare_inputs = lambda batch: seen.append(merge(batch)) or seen[-1]
+    metrics = [trainer.evaluate(Dataset.from_dict({"prompt": PROMPTS * 2})) for _ in range(2)]
+    for m in metrics:
+        assert math.isfinite(m["eval_loss"]) and m["eval_rd_tokens"] > 0 and m["eval_answered"] == 0.75
+    assert metrics[0]["eval_loss"] == metrics[1]["eval_loss"]  # the same eval traces each time
+    assert float(trainer.hytuning.lam) == lam and trainer._sampler.drawn == drawn
+    rd_prompts = {TOK.decode(p[m.bool()].tolist()) for b in seen for p, m, rd in
+                  zip(b["prompt_ids"], b["prompt_mask"], b["is_rd"]) if rd}
+    assert rd_prompts == {t["prompt"] for t in EVAL_TRACES}
+    trainer._eval_trace_rows = []  # no eval traces: rollouts only
+    assert trainer.evaluate(Dataset.from_dict({"prompt": PROMPTS * 2}))["eval_rd_tokens"] == 0
 
 
 def test_bf16_loss_follows_trl(model_dir, tmp_path, monkeypatch):
@@ -387,3 +424,113 @@ def test_bf16_loss_follows_trl(model_dir, tmp_path, monkeypatch):
     with trainer.compute_loss_context_manager():
         mine, theirs = trainer._compute_loss(trainer.model, inputs), trl_loss(trainer, inputs, trl_logps, monkeypatch)
     torch.testing.assert_close(mine, theirs, rtol=5e-3, atol=1e-4)
+
+
+def total_reward(completions, **_):
+    """A deterministic reward: the completion's length (so two rollouts of a group differ)."""
+    return [float(len(c)) for c in completions]
+
+
+def test_trl_advantages_reproduce_grpo_trainer(model_dir, tmp_path):
+    """trl_advantages=True, no traces, no gating: the advantages of a generation batch and the loss
+    and gradient of its micro-batch are GRPOTrainer's own (sample std + 1e-4: ±0.707 for two
+    rollouts); HyTuning's default (population std + eps) gives ±1.0."""
+    config = dict(traces=None, traces_per_step=0, gate_rewards=False, reward_funcs=[total_reward])
+    ours = make_trainer(model_dir, tmp_path / "ours", trl_advantages=True, **config)
+    args = dict(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, num_generations=2,
+                max_completion_length=32, learning_rate=1e-2, beta=0.0, logging_steps=1, report_to=[], use_cpu=True,
+                bf16=False, save_strategy="no", disable_tqdm=True, max_steps=2, seed=0)
+    theirs = trl.GRPOTrainer(model=str(model_dir), reward_funcs=[total_reward], args=trl.GRPOConfig(**args),
+                             train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=TOK)
+    theirs._generate_single_turn = ours._generate_single_turn
+    batch = [{"prompt": p} for p in PROMPTS for _ in range(2)]
+    for trainer in ours, theirs:
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+    a, b = ours._generate_and_score_completions(batch), theirs._generate_and_score_completions(batch)
+    torch.testing.assert_close(a["advantages"], b["advantages"], rtol=1e-6, atol=1e-6)
+    assert a["advantages"].abs().max() == pytest.approx(2 ** -0.5, rel=1e-3)
+    loss_a, loss_b = ours._compute_loss(ours.model, a), trl.GRPOTrainer._compute_loss(theirs, theirs.model, b)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-7)
+    grads = [torch.autograd.grad(loss, t.model.get_output_embeddings().weight)[0]
+             for loss, t in ((loss_a, ours), (loss_b, theirs))]
+    torch.testing.assert_close(*grads, rtol=1e-4, atol=1e-7)
+    default = make_trainer(model_dir, tmp_path / "default", **config)
+    default.model.train()
+    assert default._generate_and_score_completions(batch)["advantages"].abs().max() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_trace_weights_use_the_whole_generation_batch(model_dir, tmp_path, monkeypatch):
+    """One trace per micro-batch (gradient accumulation 2, 2 traces a step): each trace's weight
+    w_i = clamp(PRG_i / mean PRG of the generation batch's traces) is the one it gets when both
+    share a micro-batch, not 1."""
+    import hykernels.integrations.trl as hk_trl
+
+    weights = []
+    loss = hk_trl.prg_loss
+
+    def recording(*args, **kwargs):
+        out = loss(*args, **kwargs)
+        weights.append(out[1].rd_weights[kwargs["is_rd"]].tolist())
+        return out
+
+    monkeypatch.setattr(hk_trl, "prg_loss", recording)
+    got = {}
+    for accumulation in (1, 2):
+        trainer = make_trainer(model_dir, tmp_path / str(accumulation), gradient_accumulation_steps=accumulation,
+                               per_device_train_batch_size=4 // accumulation)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = accumulation
+        generation = [{"prompt": p} for p in PROMPTS for _ in range(2)]
+        weights.clear()
+        for step in range(accumulation):
+            trainer._step = step
+            trainer.compute_loss(trainer.model, trainer._prepare_inputs(generation))
+        got[accumulation] = [w for ws in weights for w in ws]
+        prg = torch.cat([c["prg"] for c in trainer._rd_chunks["train"]])
+    assert len(got[2]) == 2 and got[2] == pytest.approx(got[1], rel=1e-5)
+    assert got[2] == pytest.approx((prg / (prg.mean() + 1e-6)).clamp(0.2, 5.0).tolist(), rel=1e-5)
+    assert abs(got[2][0] - 1.0) > 1e-3  # normalised within its micro-batch it would be 1
+
+
+def test_default_precision_follows_the_device(tmp_path):
+    """bf16 unset: on for an accelerator that runs it, off on a CPU (TRL's default, bf16, stops a CPU
+    run); set, it stays as set."""
+    from hykernels.integrations.trl import bf16_supported
+
+    assert HyTuningTrainerConfig(output_dir=str(tmp_path), report_to=[]).bf16 == bf16_supported()
+    if not torch.cuda.is_available():
+        assert bf16_supported() is False
+    assert HyTuningTrainerConfig(output_dir=str(tmp_path), report_to=[], bf16=False).bf16 is False
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    """A tiny random-init Qwen2-MoE (4 experts, 2 per token) with TRL's router auxiliary loss on."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(vocab_size=len(TOK), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=256, router_aux_loss_coef=0.3, pad_token_id=0, eos_token_id=1,
+                            tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("moe")
+    Qwen2MoeForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_moe_router_aux_loss_as_trl_adds_it(moe_dir, tmp_path, monkeypatch):
+    """A MoE model trains (it was refused): without traces the loss, its gradient and the logged
+    aux_loss are TRL's own _compute_loss's, router_aux_loss_coef · aux ÷ accumulation included;
+    with traces the aux loss covers their rows too and the step runs."""
+    trainer = make_trainer(moe_dir, tmp_path, traces=None, traces_per_step=0)
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.3
+    inputs = one_batch(trainer, accumulation=2)
+    trl_logps = trl.GRPOTrainer._get_per_token_logps_and_entropies.__get__(trainer)
+    with_aux = assert_same_loss(trainer, inputs, trl_logps, monkeypatch, msg="moe")
+    trainer.aux_loss_enabled = False
+    assert not torch.allclose(with_aux, trainer._compute_loss(trainer.model, inputs))  # the aux term matters
+    mixed = make_trainer(moe_dir, tmp_path / "mixed", max_steps=1)
+    mixed.train()
+    assert math.isfinite(mixed.state.log_history[0]["aux_loss"])

@@ -8,7 +8,7 @@ per-row input TRL may carry with the value that leaves a trace out of that input
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -36,36 +36,69 @@ class TraceRow:
 
 
 def trace_row(prompt_ids: list, reasoning: list, cue: list, answer: list, eos: int) -> TraceRow:
-    """The RD row of a trace: the answer follows the reasoning after the very cue tokens the probes use."""
+    """The RD row of a trace: the answer follows the reasoning after the very cue tokens its probes use
+    (encode_answer's three parts, so the row is the completion text's own encoding)."""
     return TraceRow(list(prompt_ids), list(reasoning) + list(cue) + list(answer) + [eos],
-                    ProbeTrace(list(prompt_ids), list(reasoning), list(answer)))
+                    ProbeTrace(list(prompt_ids), list(reasoning), list(answer), cue=list(cue)))
 
 
-def split_completion(text: str, cue: str, answer_fn: Optional[Callable] = None) -> Optional[tuple]:
-    """(reasoning, answer) of a generated completion, or None without an answer.
+class FoundAnswer(NamedTuple):
+    """A completion's final answer: the text before its cue, the answer (stripped) and where the
+    answer's text lies in the completion (``text[start:end] == answer``)."""
 
-    Default: the answer is the text after the first ``cue``, stripped (None when the cue is
-    missing or nothing follows it), the reasoning the text before the cue. With ``answer_fn``
-    the answer is ``answer_fn(text)`` (None: no answer) and the reasoning the text before the
-    first cue, or, without a cue, before the answer's last occurrence (the whole text if the
-    answer does not occur in it).
+    reasoning: str
+    answer: str
+    start: int
+    end: int
+
+
+def find_answer(text: str, cue: str, answer_fn: Optional[Callable] = None) -> Optional[FoundAnswer]:
+    """The final answer of a generated completion, or None without one.
+
+    Default: the answer follows the first occurrence of ``cue``, or, where the completion has
+    none, of the cue without its surrounding whitespace ("Answer:" for "\\nAnswer: ": an answer on
+    the first line, "Answer:7"); it runs to the end of its line (or of the text), stripped, and
+    None when that is blank. The reasoning is the text before the cue (before the stripped cue,
+    without its trailing whitespace: the cue brings its own).
+
+    With ``answer_fn`` the answer is ``str(answer_fn(text)).strip()`` (None or blank: no answer)
+    and the reasoning the text before the cue found as above or, without a cue, before the
+    answer's last occurrence (the whole text if the answer does not occur in it).
     """
-    reasoning, found, tail = text.partition(cue)
+    at, found = text.find(cue), cue
+    if at < 0 and cue.strip():
+        found = cue.strip()
+        at = text.find(found)
+    reasoning = text[:at] if at >= 0 else None
+    if reasoning is not None and found != cue:
+        reasoning = reasoning.rstrip()
     if answer_fn is None:
-        answer = tail.strip() if found else ""
-        return (reasoning, answer) if answer else None
+        if at < 0:
+            return None
+        line_start = at + len(found)
+        line_end = text.find("\n", line_start)
+        line = text[line_start:] if line_end < 0 else text[line_start:line_end]
+        answer = line.strip()
+        if not answer:
+            return None
+        start = line_start + line.index(answer)
+        return FoundAnswer(reasoning, answer, start, start + len(answer))
     answer = answer_fn(text)
-    if answer is None or not str(answer).strip():
+    answer = None if answer is None else str(answer).strip()
+    if not answer:
         return None
-    answer = str(answer).strip()
-    if not found:
-        reasoning = text.rpartition(answer)[0] if answer in text else text
-    return reasoning, answer
+    start = text.rfind(answer)
+    if reasoning is None:
+        reasoning = text[:start] if start >= 0 else text
+    return FoundAnswer(reasoning, answer, start, start + len(answer) if start >= 0 else -1)
 
 
 class TraceSampler:
     """Draws trace indices without replacement, a fresh seeded permutation per pass over the
-    traces; ``drawn`` (how many so far) is its whole state, so a checkpoint restores it."""
+    traces; ``drawn`` (how many so far) is its whole state, so a checkpoint restores it.
+
+    Every process holds the same sampler (the same seed, the same draws) and keeps its own share
+    of each draw (``share``), so no trace appears twice in one global draw while any is unused."""
 
     def __init__(self, num_traces: int, seed: int):
         self.num_traces, self.seed, self.drawn = num_traces, seed, 0
@@ -79,6 +112,10 @@ class TraceSampler:
             out += take
             self.drawn += len(take)
         return out
+
+    def share(self, k: int, rank: int, world: int) -> list:
+        """Process ``rank``'s ``k`` of a draw of ``k · world`` (every process calls it alike)."""
+        return self.draw(k * world)[rank * k:(rank + 1) * k]
 
 
 def _pad(rows: list, fill, side: str, dtype=torch.long) -> torch.Tensor:

@@ -16,7 +16,7 @@ softcap c/α and temperature 1/α.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -106,6 +106,56 @@ def last_hidden_states(model, input_ids, *, position_ids=None, attention_mask=No
         raise TypeError(f"model: {type(model).__name__} has no base model at .{model.base_model_prefix}")
     out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
+
+
+def hidden_states_and_aux_loss(model, input_ids, *, attention_mask=None) -> tuple:
+    """([B, T, D] final hidden states, the model's MoE router auxiliary loss), without forming
+    logits over the sequence: the CausalLM's own forward with ``output_router_logits=True`` and
+    ``logits_to_keep=1`` (its lm_head sees one position per row), so the auxiliary loss is the
+    one the model computes for its ``loss``; the hidden states are its trunk's output, taken by
+    a forward hook. Call it inside ``call_through`` when the model is wrapped."""
+    model = _unwrapped(model)
+    base = getattr(model, model.base_model_prefix, None)
+    if base is None:
+        raise TypeError(f"model: {type(model).__name__} has no base model at .{model.base_model_prefix}")
+    seen = []
+    hook = base.register_forward_hook(lambda module, args, out: seen.append(out.last_hidden_state))
+    try:
+        out = model.forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            output_router_logits=True, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return seen[-1], out.aux_loss
+
+
+def call_through(wrapper, module, fn: Callable):
+    """``fn()`` run as the forward of ``wrapper`` (a DDP, FSDP or DeepSpeed wrapper around
+    ``module``, or ``module`` itself); returns what ``fn`` returns.
+
+    Data-parallel wrappers act in their forward: DDP readies its gradient all-reduce there (a
+    loss computed from the inner module's trunk, around the wrapper, trains every replica on its
+    own data alone), and FSDP2 gathers the root's parameters (the full lm_head weight exists only
+    inside the root's forward). So the whole loss, trunk and lm_head, runs inside one call of
+    the wrapper: ``module.forward`` is replaced by ``fn`` for that call (TRL's and Lightning's
+    "forward redirection"), then restored. ``fn`` calls the model's parts (its trunk) itself.
+    """
+    saved = module.__dict__.get("forward")  # accelerate may have set an instance forward (autocast)
+
+    def forward(*args, **kwargs):
+        restore()  # fn may call the model's own forward
+        return fn()
+
+    def restore():
+        if saved is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = saved
+
+    module.forward = forward
+    try:
+        return wrapper()
+    finally:
+        restore()
 
 
 def probe_attention_mask(model, batch: ProbeBatch):
