@@ -29,9 +29,7 @@ max_prompt_length: 32           # traces: at most 32 + 12 tokens
 learning_rate: 0.001
 logging_steps: 1
 save_steps: 1
-report_to: none
-use_cpu: true
-bf16: false
+report_to: none                 # no use_cpu, no bf16: a CPU machine runs in fp32 as it is
 per_device_eval_batch_size: 4
 traces_per_step: 2
 """
@@ -115,6 +113,72 @@ def test_train_two_steps_end_to_end(inputs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| model | accuracy | answered | ECE | Brier | AUROC |" in printed
     assert "| before training |" in printed and "| after 2 steps |" in printed
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+REWARDS = """\
+def digits(completions, **columns):  # TRL hands conversational completions as [{"role", "content"}]
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [float(sum(ch.isdigit() for ch in t)) for t in texts]
+
+
+def last_number(text):
+    words = [w for w in text.replace("\\n", " ").split() if w.isdigit()]
+    return words[-1] if words else None
+"""
+
+
+def test_real_files_conversations_and_functions(tmp_path, model_dir, monkeypatch):
+    """Files as editors write them (a UTF-8 byte order mark, CRLF line ends, blank lines at the end),
+    conversational prompts through the tokenizer's chat template, and --reward_funcs /
+    --answer_fn naming functions (module:function, the working directory importable): 1 step runs,
+    logs the named reward, and evaluates with the same answer function."""
+    chat_dir = tmp_path / "chat-model"
+    shutil.copytree(model_dir, chat_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(chat_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(chat_dir)
+    chat = lambda text: [{"role": "user", "content": text.strip()}]
+
+    def editor_file(name, records):
+        path = tmp_path / name
+        lines = "\r\n".join(json.dumps(r) for r in records)
+        path.write_bytes(b"\xef\xbb\xbf" + (lines + "\r\n\r\n  \n").encode())
+        return str(path)
+
+    traces = editor_file("traces.jsonl", [dict(r, prompt=chat(r["prompt"])) for r in sums(4)])
+    queries = editor_file("queries.jsonl", [{"prompt": chat(r["prompt"])} for r in sums(8, 10)])
+    evals = editor_file("eval.jsonl", [{"prompt": chat(r["prompt"]), "answer": r["answer"]} for r in sums(4, 30)])
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "hytuning.yaml"
+    config.write_text(CONFIG)
+    argv = ["train", "--config", str(config), "--model", str(chat_dir), "--traces", traces, "--queries", queries,
+            "--eval-queries", evals, "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
+            "--reward_funcs", "my_rewards:digits", "self_certainty", "--answer_fn", "my_rewards:last_number",
+            "--max_prompt_length", "64"]  # the chat template adds 19 tokens to each prompt
+    assert main(argv) == 0
+    logs = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("rewards/digits/mean", "rewards/self_certainty/mean", "answered"):
+        assert key in logs[0], logs[0].keys()
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert report["before training"]["summary"]["questions"] == 4
+
+
+def test_text_flags_read_escapes_as_the_yaml_does(inputs, tmp_path):
+    """--answer_cue '\\nAnswer: ' typed on a shell (a backslash and an n) is the YAML's "\\nAnswer: ";
+    a YAML value is read once, by the YAML (its single-quoted backslash stays a backslash)."""
+    from hykernels.integrations.trl import HyTuningTrainerConfig
+    from hykernels.train import cli
+
+    argv, files = inputs
+    _, config, _ = cli.parse(HyTuningTrainerConfig, argv[1:] + ["--answer_cue", "\\nResult:\\t", "--step-delimiter",
+                                                               "\\n\\n"])
+    assert (config.answer_cue, config.step_delimiter) == ("\nResult:\t", "\n\n")
+    files["config"].write_text(CONFIG + "answer_cue: '\\nA:'\nstep_delimiter: \"\\n--\\n\"\n")
+    _, config, _ = cli.parse(HyTuningTrainerConfig, argv[1:])
+    assert (config.answer_cue, config.step_delimiter) == ("\\nA:", "\n--\n")
 
 
 def test_answer_span_starts_at_the_token_reaching_past_the_cue():
@@ -233,6 +297,19 @@ def _spoil(case: str, argv: list, files: dict, tmp_path: Path, model_dir: Path) 
     if case == "unknown YAML key":
         files["config"].write_text(CONFIG + "no_such_field: 1\n")
         return argv, ["no_such_field"]
+    if case == "unknown reward function":
+        return argv + ["--reward_funcs", "no_such_module:reward"], ["--reward_funcs no_such_module:reward: cannot import"]
+    if case == "unknown answer function":
+        return argv + ["--answer_fn", "json:no_such_function"], ["--answer_fn json:no_such_function: module json has no"]
+    if case == "conversation without a chat template":
+        write_jsonl(files["queries"], [{"prompt": [{"role": "user", "content": "Q: 1+1"}]}])
+        return argv, [f"{files['queries']}:1: field 'prompt' is a conversation, but the tokenizer"]
+    if case == "mixed prompts":
+        write_jsonl(files["queries"], [{"prompt": "Q: 1+1\n"}, {"prompt": [{"role": "user", "content": "Q: 1+1"}]}])
+        return argv, [f"{files['queries']}:2: field 'prompt' is a conversation where line 1's is text"]
+    if case == "bad message":
+        write_jsonl(files["queries"], [{"prompt": [{"role": "user"}]}])
+        return argv, [f"{files['queries']}:1: field 'prompt': message 0 must be an object with string 'role'"]
     if case == "bad config value":  # HyTuningTrainerConfig's own check
         return argv + ["--lambda0", "0.95"], ["lambda0: expected a number in [lambda_min, lambda_max]"]
     assert case == "bad flag type"  # argparse's
@@ -240,7 +317,9 @@ def _spoil(case: str, argv: list, files: dict, tmp_path: Path, model_dir: Path) 
 
 
 @pytest.mark.parametrize("case", [*BAD_FILES, *BAD_MODELS, "no such file", "no model directory", "unknown YAML key",
-                                  "bad config value", "bad flag type"])
+                                  "bad config value", "bad flag type", "unknown reward function",
+                                  "unknown answer function", "conversation without a chat template", "mixed prompts",
+                                  "bad message"])
 def test_bad_input_fails_before_any_model_loads(case, inputs, tmp_path, model_dir, monkeypatch, capsys):
     loaded = []
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained",

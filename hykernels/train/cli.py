@@ -9,10 +9,18 @@ model, trains (the Trainer's progress bar, checkpoints as ``save_strategy``/``sa
 appends every log dict to ``OUTPUT_DIR/metrics.jsonl``, saves the final model and tokenizer in
 ``OUTPUT_DIR``, and with ``--eval-queries`` scores the model's own answers before and after
 (evaluate.py) into ``OUTPUT_DIR/eval.json``.
+
+The text flags ``--answer_cue`` and ``--step_delimiter`` read escapes (``\\n``, ``\\t``, ...) as a
+double-quoted YAML string does, so ``--answer_cue '\\nAnswer: '`` on a shell means what the YAML's
+``answer_cue: "\\nAnswer: "`` means. ``--reward_funcs`` and ``--answer_fn`` name Python functions as
+``module:function`` (or ``module.function``; the working directory is importable).
 """
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,16 +46,78 @@ class TrainArguments:
                 "greedy answers before and after training, printed and written to OUTPUT_DIR/eval.json."})
     eval_max_new_tokens: Optional[int] = field(default=None, metadata={
         "help": "Tokens each evaluation answer may generate (default: max_completion_length)."})
+    reward_funcs: Optional[list[str]] = field(default=None, metadata={
+        "help": "Reward functions as module:function (TRL reward functions: f(prompts, completions, **columns) -> "
+                "list of floats or None), or self_certainty (the default) or a trl.rewards name; several are "
+                "summed with reward_weights."})
+    answer_fn: Optional[str] = field(default=None, metadata={
+        "help": "module:function, f(completion_text) -> str | None, finding a rollout's (and an evaluation "
+                "response's) answer instead of the answer cue."})
 
 
 def trace_token_counts(tokenizer, cue: str):
     """Per trace record, its tokens as HyTuningTrainer counts them against its cap: the prompt as
-    TRL tokenizes a text prompt, then reasoning, answer cue and answer, each encoded on its own."""
+    TRL tokenizes it, then reasoning, answer cue and answer as their one encoding splits them."""
+    from ..hytuning import encode_answer
+
     def count(record: dict) -> dict:
-        plain = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return {"prompt": len(tokenizer(record["prompt"])["input_ids"]), "reasoning": plain(record["reasoning"]),
-                "answer cue": plain(cue), "answer": plain(record["answer"])}
+        parts = encode_answer(tokenizer, record["reasoning"], cue, record["answer"].strip())
+        return {"prompt": len(data.prompt_ids(tokenizer, record["prompt"])),
+                **{name: len(ids) for name, ids in zip(("reasoning", "answer cue", "answer"), parts)}}
     return count
+
+
+ESCAPED_FLAGS = ("answer_cue", "step_delimiter")  # text flags whose escapes are read as YAML reads them
+
+
+def given_on_command_line(argv, name: str) -> bool:
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return any(a in flags or a.split("=", 1)[0] in flags for a in argv)
+
+
+def unescape(flag: str, value: str) -> str:
+    """``value`` read as the inside of a double-quoted YAML string ("\\n" a newline)."""
+    import yaml
+
+    try:
+        return yaml.safe_load('"' + re.sub(r'(?<!\\)"', r'\\"', value) + '"')
+    except yaml.YAMLError as e:
+        raise data.InputError(f"--{flag} {value!r}: not a valid escaped string ({e.problem})") from None
+
+
+def load_function(spec: str, flag: str):
+    """The function ``module:function`` (or ``module.function``) names, the working directory importable.
+
+    Raises:
+        InputError: Naming the flag and what was not found.
+    """
+    module_name, sep, name = spec.partition(":")
+    if not sep:
+        module_name, _, name = spec.rpartition(".")
+    if not module_name or not name:
+        raise data.InputError(f"--{flag} {spec}: expected module:function")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise data.InputError(f"--{flag} {spec}: cannot import module {module_name} ({e})") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise data.InputError(f"--{flag} {spec}: module {module_name} has no function {name}")
+    return function
+
+
+def reward_functions(specs) -> Optional[list]:
+    """--reward_funcs as HyTuningTrainer takes them: "self_certainty" as it is, trl.rewards names
+    and module:function specs as functions; None for the default (self-certainty)."""
+    if not specs:
+        return None
+    import trl.rewards
+
+    return [spec if spec == "self_certainty" else
+            getattr(trl.rewards, spec) if ":" not in spec and "." not in spec and hasattr(trl.rewards, spec) else
+            load_function(spec, "reward_funcs") for spec in specs]
 
 
 TRACE_CAP = "max_prompt_length + max_completion_length"
@@ -72,6 +142,17 @@ def parser(config_cls):
 
     p.error = error
     return p
+
+
+def parse(config_cls, argv=None) -> tuple:
+    """(TrainArguments, config, ModelConfig) of ``argv``: YAML first, flags over it; the escapes
+    of ESCAPED_FLAGS given on the command line read as YAML reads a double-quoted string."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    script, config, model_args = parser(config_cls).parse_args_and_config(argv)
+    for name in ESCAPED_FLAGS:
+        if given_on_command_line(argv, name):
+            setattr(config, name, unescape(name, getattr(config, name)))
+    return script, config, model_args
 
 
 def metrics_logger(path: Path, append: bool):
@@ -99,6 +180,8 @@ def load_inputs(script: TrainArguments, config):
     evals = (data.read_jsonl(script.eval_queries, data.EVAL_FIELDS, flag="--eval-queries")
              if script.eval_queries else None)
     tokenizer = data.load_tokenizer(script.model)
+    for path, records in ((script.traces, traces), (script.queries, queries), (script.eval_queries, evals or [])):
+        data.check_chat_template(path, records, tokenizer, script.model)
     data.check_lengths(script.traces, traces, trace_token_counts(tokenizer, config.answer_cue),
                        config.max_prompt_length + config.max_completion_length, TRACE_CAP)
     return tokenizer, traces, queries, evals
@@ -115,7 +198,9 @@ def model_options(script: TrainArguments, config, model_args) -> dict:
     init = dict(revision=model_args.model_revision, trust_remote_code=config.trust_remote_code,
                 attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
     config.model_init_kwargs = {**init, **(config.model_init_kwargs or {})}
-    return dict(peft_config=get_peft_config(model_args), quantization_config=get_quantization_config(model_args))
+    return dict(peft_config=get_peft_config(model_args), quantization_config=get_quantization_config(model_args),
+                reward_funcs=reward_functions(script.reward_funcs),
+                answer_fn=load_function(script.answer_fn, "answer_fn") if script.answer_fn else None)
 
 
 def run(script: TrainArguments, config, options: dict, trainer_cls, tokenizer, traces, queries, evals) -> int:
@@ -137,7 +222,7 @@ def run(script: TrainArguments, config, options: dict, trainer_cls, tokenizer, t
         model = trainer.accelerator.unwrap_model(trainer.model)
         results[when] = evaluate(model, tokenizer, evals, cue=config.answer_cue,
                                  max_new_tokens=script.eval_max_new_tokens or config.max_completion_length,
-                                 batch_size=config.per_device_eval_batch_size)
+                                 batch_size=config.per_device_eval_batch_size, answer_fn=options.get("answer_fn"))
 
     score("before training")
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
@@ -162,7 +247,7 @@ def main(argv=None) -> int:
     from ..integrations.trl import HyTuningTrainer, HyTuningTrainerConfig
 
     try:
-        script, config, model_args = parser(HyTuningTrainerConfig).parse_args_and_config(argv)
+        script, config, model_args = parse(HyTuningTrainerConfig, argv)
         options = model_options(script, config, model_args)
         inputs = load_inputs(script, config)
     except (ValueError, TypeError, NotImplementedError, OSError, yaml.YAMLError) as e:  # InputError too

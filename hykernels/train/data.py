@@ -1,8 +1,12 @@
 """The inputs of ``python -m hykernels train``, read and checked before any model loads.
 
-A JSONL file holds one JSON object per line, every line (no blank ones). Each object needs the
-fields its role lists below, as strings; ``prompt`` and ``answer`` must not be empty or blank.
-Other fields are kept (TRL passes query columns on to reward functions).
+A JSONL file holds one JSON object per line, every line (no blank ones between them; a UTF-8 byte
+order mark and blank lines at the end are ignored). Each object needs the fields its role lists
+below, as strings; ``prompt`` and ``answer`` must not be empty or blank. A ``prompt`` may also be a
+conversation, as TRL takes one: a non-empty list of ``{"role": ..., "content": ...}`` messages
+(strings), which the tokenizer's chat template turns into the prompt; the prompts of one file are
+all text or all conversations. Other fields are kept (TRL passes query columns on to reward
+functions).
 
 - ``--traces``: ``prompt``, ``reasoning``, ``answer`` (curated traces for RD and PRG);
 - ``--queries``: ``prompt`` (unlabelled prompts for the RLIF rollouts);
@@ -52,12 +56,12 @@ def read_jsonl(path, fields: Sequence[str], *, flag: str) -> list[dict]:
     if not path.is_file():
         raise InputError(f"{flag} {path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors write one) is not data
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e})") from None
     lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
+    while lines and not lines[-1].strip():
+        lines.pop()  # the newline that ends the last line, and blank lines after it
     need = ", ".join(fields)
     records = []
     for number, line in enumerate(lines, 1):
@@ -74,14 +78,56 @@ def read_jsonl(path, fields: Sequence[str], *, flag: str) -> list[dict]:
             if field not in record:
                 raise InputError(f"{where}: field '{field}' is missing (every line needs {need})")
             value = record[field]
+            if field == "prompt" and isinstance(value, list):
+                _check_conversation(where, value)
+                continue
             if not isinstance(value, str):
                 raise InputError(f"{where}: field '{field}' must be a string, got {_json_type(value)}")
             if field in NOT_BLANK and not value.strip():
                 raise InputError(f"{where}: field '{field}' is empty")
+        if "prompt" in fields and records and is_conversation(record["prompt"]) != is_conversation(records[0]["prompt"]):
+            kinds = ("text", "a conversation")
+            raise InputError(f"{where}: field 'prompt' is {kinds[is_conversation(record['prompt'])]} where line 1's "
+                             f"is {kinds[is_conversation(records[0]['prompt'])]} (a file's prompts are all one kind)")
         records.append(record)
     if not records:
         raise InputError(f"{path}: no lines (every line is one JSON object with {need})")
     return records
+
+
+def is_conversation(prompt) -> bool:
+    """Whether a prompt is a conversation (a list of messages) rather than text."""
+    return isinstance(prompt, list)
+
+
+def _check_conversation(where: str, messages: list) -> None:
+    if not messages:
+        raise InputError(f"{where}: field 'prompt' is an empty conversation")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or \
+                not isinstance(message.get("content"), str):
+            raise InputError(f"{where}: field 'prompt': message {i} must be an object with string 'role' and "
+                             f"'content', got {json.dumps(message)[:80]}")
+
+
+def prompt_ids(tokenizer, prompt) -> list:
+    """A prompt's token ids as TRL tokenizes it: text with the tokenizer's special tokens, a
+    conversation through the chat template with the generation prompt."""
+    if is_conversation(prompt):
+        out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def check_chat_template(path, records: Sequence[dict], tokenizer, model) -> None:
+    """Conversational prompts need the tokenizer's chat template.
+
+    Raises:
+        InputError: Naming the file and the model directory.
+    """
+    if records and is_conversation(records[0]["prompt"]) and not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"{path}:1: field 'prompt' is a conversation, but the tokenizer of --model {model} has no "
+                         "chat template (give text prompts, or a tokenizer with one)")
 
 
 def check_model_dir(path) -> Path:

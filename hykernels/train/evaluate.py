@@ -1,8 +1,9 @@
 """Accuracy and calibration of a model's own answers to held-out questions (``--eval-queries``).
 
-The model answers each prompt greedily (the prompt tokenized as TRL tokenizes a text prompt). Its
-answer is the text after the first answer cue up to the end of sequence, stripped (as
-HyTuningTrainer reads a rollout's answer), and it is correct when it equals the gold answer,
+The model answers each prompt greedily (the prompt tokenized as TRL tokenizes it: text, or a
+conversation through the chat template). Its
+answer is found as HyTuningTrainer finds a rollout's (after the first answer cue, or the cue
+without its surrounding whitespace, to the end of that line, stripped), and it is correct when it equals the gold answer,
 stripped. Confidence is exp of the mean log-prob of the answer tokens (the tokens holding the
 answer's text) given the prompt and the response before them (docs/math.md §7). A response
 without the cue, or with nothing after it, is unanswered: wrong for accuracy and left out of the
@@ -16,7 +17,8 @@ from typing import Optional
 import torch
 
 from ..experiment.evaluate import span_confidence, summarize
-from ..integrations._trl_rows import split_completion
+from ..integrations._trl_rows import find_answer
+from .data import prompt_ids as encode_prompt
 
 COLUMNS = (("accuracy", "accuracy"), ("answered", "answered"), ("ece", "ECE"), ("brier", "Brier"),
            ("auroc", "AUROC"), ("mean_confidence", "mean confidence"))
@@ -32,38 +34,45 @@ def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id)
     device, eos = next(model.parameters()).device, tokenizer.eos_token_id
-    prompt_ids, responses = [], []
+    prompt_ids, responses = [encode_prompt(tokenizer, p) for p in prompts], []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="left")
-        out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                             generation_config=config)
-        width = enc["input_ids"].shape[1]
-        for ids, mask, row in zip(enc["input_ids"], enc["attention_mask"], out[:, width:].tolist()):
-            prompt_ids.append(ids[mask.bool()].tolist())
+        chunk = prompt_ids[i:i + batch_size]
+        width = max(len(ids) for ids in chunk)  # left-padded, as TRL pads prompts
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        for row in out[:, width:].tolist():
             responses.append(row[:row.index(eos) + 1] if eos in row else row)
     return prompt_ids, responses
 
 
-def answer_span(tokenizer, response: list, cue: str) -> tuple:
+def answer_span(tokenizer, response: list, cue: str, answer_fn=None) -> tuple:
     """((start, end) of the answer tokens, the answer text) of one response, or (None, None)
-    without an answer. The span starts at the first token whose text reaches past the cue."""
+    without an answer: the tokens whose text reaches into the answer's characters (None for an
+    answer_fn answer that is not in the text)."""
     eos = tokenizer.eos_token_id
     ids = response[:response.index(eos)] if eos in response else response
-    split = split_completion(tokenizer.decode(ids, skip_special_tokens=True), cue)  # as the trainer parses rollouts
-    if split is None:
+    found = find_answer(tokenizer.decode(ids, skip_special_tokens=True), cue, answer_fn)  # as the trainer does
+    if found is None:
         return None, None
-    cue_end = len(split[0]) + len(cue)
-    lo, hi = 0, len(ids) - 1  # the first k with len(decode(ids[:k + 1])) > cue_end; k = len - 1 qualifies
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(tokenizer.decode(ids[:mid + 1], skip_special_tokens=True)) > cue_end:
-            hi = mid
-        else:
-            lo = mid + 1
-    return (lo, len(ids)), split[1]
+    if found.start < 0:
+        return None, found.answer
+
+    def token_at(char: int) -> int:  # the first k with len(decode(ids[:k + 1])) > char; k = len - 1 qualifies
+        lo, hi = 0, len(ids) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(tokenizer.decode(ids[:mid + 1], skip_special_tokens=True)) > char:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    return (token_at(found.start), token_at(found.end - 1) + 1), found.answer
 
 
-def evaluate(model, tokenizer, records: list, *, cue: str, max_new_tokens: int, batch_size: int = 8) -> dict:
+def evaluate(model, tokenizer, records: list, *, cue: str, max_new_tokens: int, batch_size: int = 8,
+             answer_fn=None) -> dict:
     """Accuracy and calibration of the model's greedy answers to ``records`` (``prompt``, ``answer``).
 
     Returns ``summary`` (``accuracy`` over every question, ``answered``, and over the answered
@@ -75,7 +84,7 @@ def evaluate(model, tokenizer, records: list, *, cue: str, max_new_tokens: int, 
     model.eval()
     prompts = [r["prompt"] for r in records]
     prompt_ids, responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    spans, answers = zip(*(answer_span(tokenizer, r, cue) for r in responses))
+    spans, answers = zip(*(answer_span(tokenizer, r, cue, answer_fn) for r in responses))
     conf = torch.cat([span_confidence(model, prompt_ids[i:i + batch_size], responses[i:i + batch_size],
                                       spans[i:i + batch_size], tokenizer.pad_token_id)
                       for i in range(0, len(records), batch_size)])
