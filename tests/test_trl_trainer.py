@@ -534,3 +534,16 @@ def test_moe_router_aux_loss_as_trl_adds_it(moe_dir, tmp_path, monkeypatch):
     mixed = make_trainer(moe_dir, tmp_path / "mixed", max_steps=1)
     mixed.train()
     assert math.isfinite(mixed.state.log_history[0]["aux_loss"])
+
+
+def test_deepspeed_zero3_is_refused_by_name():
+    """ZeRO-3 would hand hykernels a partitioned (empty) lm_head weight: refused, naming the way out."""
+    from types import SimpleNamespace
+
+    from hykernels.integrations.trl import refuse_zero3
+
+    state = lambda stage: SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+    with pytest.raises(NotImplementedError, match="deepspeed: ZeRO-3 .* use FSDP2"):
+        refuse_zero3(state(3))
+    refuse_zero3(state(2))
+    refuse_zero3(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)))

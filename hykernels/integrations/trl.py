@@ -236,6 +236,16 @@ def _trace_dataset(traces, traces_per_step: int, name: str = "trace_dataset"):
     return traces
 
 
+def refuse_zero3(accelerator) -> None:
+    """DeepSpeed ZeRO-3 partitions every parameter outside its own module's forward, and hykernels
+    reads the lm_head weight directly (it never calls the lm_head): refuse it by name."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+        raise NotImplementedError("deepspeed: ZeRO-3 partitions the lm_head weight, which hykernels reads outside "
+                                  "the lm_head's forward; use FSDP2 (fsdp_config version 2), which HyTuningTrainer "
+                                  "runs, or ZeRO stage 1 or 2")
+
+
 class RDBatch(NamedTuple):
     """The traces of one generation batch on every process: their target tokens, and their mean
     PRG (None: no traces), which normalise every micro-batch's RD term and trace weights."""
@@ -318,7 +328,7 @@ class HyTuningTrainer(GRPOTrainer):
     Raises:
         NotImplementedError: A setting it does not reproduce, named (see
             HyTuningTrainerConfig.check_supported), environment_factory, a vision-language
-            processor.
+            processor, DeepSpeed ZeRO-3.
         ValueError: trace_dataset without a required column, or a trace that is too long or
             has an empty answer (naming its row).
         TypeError: args is not a HyTuningTrainerConfig.
@@ -346,6 +356,7 @@ class HyTuningTrainer(GRPOTrainer):
         if self._is_vlm:
             raise NotImplementedError("processing_class: vision-language models (their image inputs do not reach "
                                       "the hidden states hykernels computes)")
+        refuse_zero3(self.accelerator)
         self._cue = self._encode(args.answer_cue)
         self._delimiters = step_delimiters(self._tokenizer, args.step_delimiter)
         self._trace_rows = self._tokenize_traces(traces, "trace_dataset")
