@@ -547,3 +547,20 @@ def test_deepspeed_zero3_is_refused_by_name():
         refuse_zero3(state(3))
     refuse_zero3(state(2))
     refuse_zero3(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)))
+
+
+@pytest.mark.parametrize("num_traces, per_process, world", [(10, 2, 2), (7, 1, 3), (6, 2, 2), (5, 5, 1)])
+def test_trace_sampler_shares_without_repeats(num_traces, per_process, world):
+    """Every global draw (all processes' shares) holds no trace twice, also across the end of a
+    pass; every pass uses each trace once; a sampler restored from ``drawn`` continues alike."""
+    from hykernels.integrations._trl_rows import TraceSampler
+
+    samplers = [TraceSampler(num_traces, seed=3) for _ in range(world)]
+    draws = [sum((s.share(per_process, rank, world) for rank, s in enumerate(samplers)), []) for _ in range(30)]
+    assert all(len(set(d)) == len(d) == per_process * world for d in draws)
+    flat = sum(draws, [])
+    assert all(sorted(flat[i:i + num_traces]) == list(range(num_traces))
+               for i in range(0, len(flat) - num_traces + 1, num_traces))
+    resumed = TraceSampler(num_traces, seed=3)
+    resumed.drawn = 11 * per_process * world
+    assert [resumed.draw(per_process * world) for _ in range(5)] == draws[11:16]

@@ -94,21 +94,43 @@ def find_answer(text: str, cue: str, answer_fn: Optional[Callable] = None) -> Op
 
 
 class TraceSampler:
-    """Draws trace indices without replacement, a fresh seeded permutation per pass over the
-    traces; ``drawn`` (how many so far) is its whole state, so a checkpoint restores it.
+    """Draws trace indices pass by pass over the traces, each pass in a seeded order; ``drawn``
+    (how many so far) is its whole state, so a checkpoint restores it.
 
     Every process holds the same sampler (the same seed, the same draws) and keeps its own share
-    of each draw (``share``), so no trace appears twice in one global draw while any is unused."""
+    of each draw (``share``). A draw never holds a trace twice while it asks for at most as many
+    as there are: where a draw runs from one pass into the next, the traces it already took from
+    the old pass go to the end of the new pass's order (which stays a permutation: every trace
+    once per pass). That assumes draws of one size, as the trainer makes them."""
 
     def __init__(self, num_traces: int, seed: int):
         self.num_traces, self.seed, self.drawn = num_traces, seed, 0
+        self._cache = (None, None, None)  # (draw size, pass, its order)
+
+    def _permutation(self, epoch: int) -> list:
+        return torch.randperm(self.num_traces, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def order(self, epoch: int, size: int) -> list:
+        """Pass ``epoch``'s order for draws of ``size``: its seeded permutation, the traces that
+        the draw crossing into it took from the previous pass moved to its end."""
+        n = self.num_traces
+        cached_size, e, order = self._cache
+        if cached_size != size or e is None or e > epoch:
+            e, order = 0, self._permutation(0)
+        while e < epoch:  # each pass's order depends on the previous pass's tail
+            e += 1
+            crossing = (e * n) // size * size  # where the draw that crosses into pass e starts
+            tail = set(order[crossing - (e - 1) * n:]) if size <= n and crossing < e * n else set()
+            fresh = self._permutation(e)
+            order = [i for i in fresh if i not in tail] + [i for i in fresh if i in tail]
+        self._cache = (size, epoch, order)
+        return order
 
     def draw(self, k: int) -> list:
         out = []
         while len(out) < k:
             epoch, at = divmod(self.drawn, self.num_traces)
-            order = torch.randperm(self.num_traces, generator=torch.Generator().manual_seed(self.seed + epoch))
-            take = order[at:at + k - len(out)].tolist()
+            take = self.order(epoch, k)[at:at + k - len(out)]
             out += take
             self.drawn += len(take)
         return out
