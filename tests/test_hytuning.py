@@ -9,6 +9,7 @@ from hykernels import backends
 import oracle
 from conftest import BACKENDS
 from hykernels.hytuning import HyTuningConfig, HyTuningLoss, group_advantages, rewards_from_stats
+from hykernels.hytuning.objective import rd_sequence_weights
 
 IGN = -100
 
@@ -61,7 +62,8 @@ def transcription(b, cfg, lam=None, rd_prg_mean=None):
             continue
         i = int(b["seq_ids"][t])
         if is_rd[i]:
-            w_i = min(max((prg[i] / (mean_rd + cfg.eps)).item(), cfg.rd_weight_min), cfg.rd_weight_max)
+            d = cfg.rd_weight_smoothing  # PRG in [0, 1] here: w_i = (PRG_i + δ) / (m + δ), clamped
+            w_i = min(max(((prg[i] + d) / (mean_rd + d)).item(), cfg.rd_weight_min), cfg.rd_weight_max)
             total = total + lam * w_i / t_rd * (-st["logp"][t])
         else:
             ratio = torch.exp(st["logp"][t] - st["logp"][t].detach())  # on-policy GRPO
@@ -96,12 +98,41 @@ def test_rd_prg_mean_normalises_trace_weights(rng):
     loss, out = hk.prg_loss(b["h"], b["w"], b["y"], b["seq_ids"], rd_prg_mean=0.37, **kw)
     want, _, _ = transcription(b, cfg, rd_prg_mean=0.37)
     torch.testing.assert_close(loss.double(), want.double(), rtol=1e-9, atol=1e-12)
-    w = (b["prg"][:2] / (0.37 + cfg.eps)).clamp(cfg.rd_weight_min, cfg.rd_weight_max)
+    d = cfg.rd_weight_smoothing
+    w = ((b["prg"][:2] + d) / (0.37 + d)).clamp(cfg.rd_weight_min, cfg.rd_weight_max)
     torch.testing.assert_close(out.rd_weights[:2], w)
     own, _ = hk.prg_loss(b["h"], b["w"], b["y"], b["seq_ids"], rd_prg_mean=float(b["prg"][:2].mean()), **kw)
     torch.testing.assert_close(own, hk.prg_loss(b["h"], b["w"], b["y"], b["seq_ids"], **kw)[0])
     with pytest.raises(ValueError, match="rd_prg_mean: expected a finite number"):
         hk.prg_loss(b["h"], b["w"], b["y"], b["seq_ids"], rd_prg_mean=float("nan"), **kw)
+
+
+@pytest.mark.parametrize("variant_range", [(0.0, 1.0), (-2.0, 2.0)])
+def test_rd_weights_are_continuous_in_prg(rng, variant_range):
+    """docs/math.md §6: equal PRGs give every trace weight 1 whatever their value, 0 included (the
+    plain ratio PRG_i / (mean + ε) gave rd_weight_min = 0.2 at 0 and 1 just above it); a small
+    change of the PRGs moves the weights by a bounded amount, at 0 and across it: at most 6/δ times
+    the change in max-norm (|m| + δ >= δ; ∂w_i/∂PRG_i contributes 1/δ, the mean's share 5/δ, as
+    unclamped weights have |PRG_i − m| <= 4·(|m| + δ)); and a higher PRG never weighs less. The second range holds variants that go below 0 (net, mean_gain, min_gain)."""
+    cfg = HyTuningConfig()
+    is_rd = torch.tensor([True, True, True, False])
+    weights = lambda prg: rd_sequence_weights(prg.double(), is_rd, cfg)[:3]  # noqa: E731
+    lo, hi = variant_range
+    for value in (0.0, 1e-9, 1e-3, 0.5, hi, lo):
+        torch.testing.assert_close(weights(torch.full((4,), value)), torch.ones(3, dtype=torch.float64),
+                                   rtol=0, atol=1e-12)
+    step = 1e-6
+    for _ in range(200):
+        prg = lo + (hi - lo) * torch.rand(4, generator=rng, dtype=torch.float64)
+        prg[:3][torch.rand(3, generator=rng) < 0.3] = 0.0  # some exactly at 0, where the jump was
+        moved = prg + step * (2 * torch.rand(4, generator=rng, dtype=torch.float64) - 1)
+        assert (weights(moved) - weights(prg)).abs().max() <= 6 / cfg.rd_weight_smoothing * step
+        w = weights(prg)
+        order = prg[:3].argsort()
+        assert (w[order].diff() >= -1e-12).all()
+    assert (rd_sequence_weights(torch.rand(4, generator=rng), is_rd, cfg)[3] == 0).all()
+    with pytest.raises(ValueError, match="rd_weight_smoothing: expected a number > 0"):
+        HyTuningConfig(rd_weight_smoothing=0.0)
 
 
 def test_prg_loss_takes_batched_tokens(rng):

@@ -134,7 +134,7 @@ def test_loss_and_prg_equal_a_hand_assembly(model_dir, tmp_path):
             adv[members] = (x - x.mean()) / (x.var(unbiased=False).sqrt() + 1e-6)
     gap = prg[is_rd].mean() - prg[~is_rd].mean()
     lam = 0.9 * 0.5 + 0.1 * min(max(0.5 + float(gap), 0.1), 0.9)  # the first EMA step from λ₀
-    w = (prg / (prg[is_rd].mean() + 1e-6)).clamp(0.2, 5.0)
+    w = ((prg + 0.1) / (prg[is_rd].mean() + 0.1)).clamp(0.2, 5.0)  # PRG in [0, 1]: (PRG + δ) / (mean + δ)
     rd_tok, rl_tok = mask & is_rd[:, None], mask & ~is_rd[:, None]
     surrogate = -adv[:, None] * torch.exp(logp - logp.detach())  # on-policy PPO: ρ ≡ 1, dρ = dlogp
     want = (lam * (w[:, None] * -logp)[rd_tok].sum() / rd_tok.sum()
@@ -326,7 +326,7 @@ def test_lora_trains_only_the_adapters(model_dir, tmp_path):
                                                       NotImplementedError),
     ("cast_lm_head_to_fp32", True, NotImplementedError), ("lambda0", 0.95, ValueError), ("ema", 1.5, ValueError),
     ("prg_variant", "best", ValueError), ("traces_per_step", 3, ValueError), ("answer_cue", "", ValueError),
-    ("rd_weight_max", 0.1, ValueError), ("max_probe_steps", 0, ValueError)])
+    ("rd_weight_max", 0.1, ValueError), ("rd_weight_smoothing", 0.0, ValueError), ("max_probe_steps", 0, ValueError)])
 def test_refused_options_name_themselves(tmp_path, option, value, error):
     """(g) settings the trainer does not reproduce, and invalid HyTuning fields, raise naming the field."""
     with pytest.raises(error, match=option):
@@ -489,7 +489,7 @@ def test_trace_weights_use_the_whole_generation_batch(model_dir, tmp_path, monke
         got[accumulation] = [w for ws in weights for w in ws]
         prg = torch.cat([c["prg"] for c in trainer._rd_chunks["train"]])
     assert len(got[2]) == 2 and got[2] == pytest.approx(got[1], rel=1e-5)
-    assert got[2] == pytest.approx((prg / (prg.mean() + 1e-6)).clamp(0.2, 5.0).tolist(), rel=1e-5)
+    assert got[2] == pytest.approx(((prg + 0.1) / (prg.mean() + 0.1)).clamp(0.2, 5.0).tolist(), rel=1e-5)
     assert abs(got[2][0] - 1.0) > 1e-3  # normalised within its micro-batch it would be 1
 
 

@@ -35,9 +35,12 @@ class HyTuningConfig:
         lambda_min: Lower clamp of λ.
         lambda_max: Upper clamp of λ.
         ema: λ's smoothing across steps in HyTuningLoss: λ ← ema·λ + (1 − ema)·λ_batch.
-        rd_weight_min: Lower clamp of the RD sequence weight PRG_i / mean_RD(PRG).
+        rd_weight_min: Lower clamp of the RD sequence weight (PRG_i + δ) / (mean_RD PRG + δ).
         rd_weight_max: Upper clamp of the RD sequence weight.
-        eps: ε of the RD weight's division and of the group advantages.
+        rd_weight_smoothing: δ > 0, the PRG added to every trace and to the mean in the RD
+            weight, so that the weight is continuous in PRG (no jump where the mean reaches 0)
+            and a batch of equal PRGs gets weight 1 whatever their value (docs/math.md §6).
+        eps: ε of the group advantages.
         prg_variant: The PRG variant the ``prg`` tensor holds; rewards are gated only by
             variants in [0, 1] ("progressive", "monotone").
         gate_rewards: Gate rollout rewards by PRG, u′ = PRG·u (docs/math.md §4).
@@ -53,8 +56,9 @@ class HyTuningConfig:
     lambda_min: float = 0.1
     lambda_max: float = 0.9
     ema: float = 0.9  # λ smoothing across steps (HyTuningLoss)
-    rd_weight_min: float = 0.2  # clamp of the per-sequence RD weight PRG_i / mean_RD(PRG)
+    rd_weight_min: float = 0.2  # clamp of the per-sequence RD weight (PRG_i + δ) / (mean_RD PRG + δ)
     rd_weight_max: float = 5.0
+    rd_weight_smoothing: float = 0.1  # δ: a tenth of a gated PRG's range [0, 1]
     eps: float = 1e-6
     prg_variant: str = "progressive"  # which PRG the prg tensor holds: gating needs one in [0, 1]
     gate_rewards: bool = True  # u′ = PRG·u for gated variants (§4)
@@ -62,6 +66,11 @@ class HyTuningConfig:
     kl_coef: float = 0.0  # k3 KL to the reference on RLIF tokens (needs ref_logp)
     entropy_coef: float = 0.0  # entropy bonus on RLIF tokens
     clip_eps: tuple = (0.2, 0.2)
+
+    def __post_init__(self):
+        # δ = 0 would divide by |m| = 0 for a batch of traces with PRG 0: a NaN loss, silently
+        if not (isinstance(self.rd_weight_smoothing, (int, float)) and self.rd_weight_smoothing > 0):
+            raise ValueError(f"rd_weight_smoothing: expected a number > 0, got {self.rd_weight_smoothing!r}")
 
 
 class HyTuningOutput(NamedTuple):
@@ -98,12 +107,20 @@ def effective_lambda(lam: Optional[float], is_rd: torch.Tensor) -> float:
 
 def rd_sequence_weights(prg: torch.Tensor, is_rd: torch.Tensor, config: HyTuningConfig,
                         rd_prg_mean: Optional[float] = None) -> torch.Tensor:
-    """w_i = clamp(PRG_i / (mean_RD PRG + ε), min, max) for RD sequences, 0 for the others; the
-    mean is ``rd_prg_mean`` where given (a trainer's whole batch), else over this batch's RD sequences."""
+    """w_i = clamp(1 + (PRG_i − m) / (|m| + δ), min, max) for RD sequences, 0 for the others, with m
+    the mean PRG of the RD sequences (``rd_prg_mean`` where given: a trainer's whole batch, else
+    this batch's) and δ = config.rd_weight_smoothing. For m >= 0 that is (PRG_i + δ) / (m + δ).
+
+    Why δ: the plain ratio PRG_i / (m + ε) jumps where m reaches 0 (a batch of traces that all have
+    PRG 0, common for a weak model, got w = rd_weight_min and a fifth of the RD loss, while equal
+    tiny positive PRGs got w = 1). With δ > 0, w is continuous in every PRG, a batch of equal PRGs
+    gets w = 1 whatever their value, and |m| keeps it defined and increasing in PRG_i for the
+    variants that go below 0 (net, mean_gain, min_gain)."""
     if not bool(is_rd.any()):
         return torch.zeros_like(prg)
-    mean = prg[is_rd].mean() if rd_prg_mean is None else rd_prg_mean
-    w = (prg / (mean + config.eps)).clamp(config.rd_weight_min, config.rd_weight_max)
+    mean = prg[is_rd].mean() if rd_prg_mean is None else torch.as_tensor(rd_prg_mean, dtype=prg.dtype)
+    w = (1 + (prg - mean) / (mean.abs() + config.rd_weight_smoothing)).clamp(config.rd_weight_min,
+                                                                             config.rd_weight_max)
     return torch.where(is_rd, w, torch.zeros_like(w))
 
 
@@ -128,8 +145,8 @@ def prg_loss(hidden, weight, targets, seq_ids, *, prg, is_rd, advantages=None, r
              **logit_kwargs):
     """HyTuning loss of one packed batch (docs/math.md §6), one `fused_loss` call.
 
-    RD tokens of sequence i get a_t = λ·w_i/T_RD with w_i = clamp(PRG_i / (mean_RD PRG + ε),
-    rd_weight_min, rd_weight_max); RLIF tokens get b_t = (1 − λ)/T_RLIF with A_t = A_i (PPO-clip
+    RD tokens of sequence i get a_t = λ·w_i/T_RD with w_i = clamp((PRG_i + δ) / (mean_RD PRG + δ),
+    rd_weight_min, rd_weight_max) (rd_sequence_weights); RLIF tokens get b_t = (1 − λ)/T_RLIF with A_t = A_i (PPO-clip
     when old_logp is given), plus kl_coef·b_t and entropy_coef·b_t terms. T_* count target
     tokens; a kind with none contributes nothing. λ = clamp(λ₀ + κ·(mean_RD PRG − mean_RLIF PRG),
     λ_min, λ_max), or 1 (0) for a batch of RD (RLIF) sequences only.

@@ -81,7 +81,7 @@ class HyTuningTrainerConfig(GRPOConfig):
     """GRPOConfig plus the HyTuning fields (docs/math.md §6) and the trace/probe settings.
 
     HyTuningConfig fields with the same names and defaults: ``lambda0``, ``kappa``,
-    ``lambda_min``, ``lambda_max``, ``ema``, ``rd_weight_min``, ``rd_weight_max``, ``eps``,
+    ``lambda_min``, ``lambda_max``, ``ema``, ``rd_weight_min``, ``rd_weight_max``, ``rd_weight_smoothing``, ``eps``,
     ``prg_variant``, ``gate_rewards``. The others are GRPOConfig's own knobs, which
     ``hytuning_config()`` maps:
 
@@ -125,9 +125,13 @@ class HyTuningTrainerConfig(GRPOConfig):
     lambda_max: float = field(**_help("Upper clamp of λ.", _DEFAULTS.lambda_max))
     ema: float = field(**_help("λ's smoothing across generation batches: λ ← ema·λ + (1 − ema)·λ_batch.",
                                _DEFAULTS.ema))
-    rd_weight_min: float = field(**_help("Lower clamp of a trace's weight PRG_i / mean PRG.", _DEFAULTS.rd_weight_min))
+    rd_weight_min: float = field(**_help("Lower clamp of a trace's weight (PRG_i + δ) / (mean PRG + δ).",
+                                         _DEFAULTS.rd_weight_min))
     rd_weight_max: float = field(**_help("Upper clamp of a trace's weight.", _DEFAULTS.rd_weight_max))
-    eps: float = field(**_help("ε of the trace weights and of the group advantages.", _DEFAULTS.eps))
+    rd_weight_smoothing: float = field(**_help(
+        "δ > 0 of a trace's weight: keeps it continuous in PRG, and 1 for equal PRGs whatever their value.",
+        _DEFAULTS.rd_weight_smoothing))
+    eps: float = field(**_help("ε of the group advantages.", _DEFAULTS.eps))
     prg_variant: str = field(**_help(f"The PRG variant, one of {PRG_VARIANTS}; rewards are gated only by "
                                      f"{GATED_VARIANTS}.", _DEFAULTS.prg_variant))
     gate_rewards: bool = field(**_help("Gate rollout rewards by PRG, u' = PRG·u.", _DEFAULTS.gate_rewards))
@@ -179,6 +183,7 @@ class HyTuningTrainerConfig(GRPOConfig):
         need(number("rd_weight_min", 0.0), "rd_weight_min", "a number >= 0")
         need(number("rd_weight_max", self.rd_weight_min), "rd_weight_max",
              f"a number >= rd_weight_min = {self.rd_weight_min}")
+        need(number("rd_weight_smoothing") and self.rd_weight_smoothing > 0, "rd_weight_smoothing", "a number > 0")
         need(number("eps") and self.eps > 0, "eps", "a number > 0")
         need(self.prg_variant in PRG_VARIANTS, "prg_variant", f"one of {PRG_VARIANTS}")
         need(isinstance(self.gate_rewards, bool), "gate_rewards", "a bool")
@@ -285,8 +290,8 @@ class HyTuningTrainer(GRPOTrainer):
     Per micro-batch, the traces (teacher-forced prompt + reasoning + cue + answer + EOS) join
     the rollouts as extra rows, and ONE forward of the Trainer's model (through its DDP / FSDP
     wrapper, which then all-reduces or reduce-scatters the gradients) feeds ONE ``prg_loss``
-    call: RD tokens of trace i weigh λ·w_i/T_RD (w_i = clamp(PRG_i / mean PRG of the
-    generation batch's traces on every process); T_RD: the trace tokens of one optimisation
+    call: RD tokens of trace i weigh λ·w_i/T_RD (w_i = clamp((PRG_i + δ) / (mean PRG of the
+    generation batch's traces on every process + δ)), docs/math.md §6); T_RD: the trace tokens of one optimisation
     step on every process, so the RD term is the cross-entropy over all of them, as a single
     process computes it); rollout tokens weigh (1 − λ) times TRL's ``loss_type``
     normalisation (÷ G as TRL divides, G the gradient accumulation steps), times the vLLM
