@@ -13,8 +13,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -126,13 +128,30 @@ def training_batch(rd, rl, enc, pad):
     return ids, mask, targets, seq_ids
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Route the process's stderr (file descriptor 2) to /dev/null for the block: torch's
+    profiler (libkineto) writes "USDT:... profiler_start" / "profiler_stop" lines there from C++,
+    which no setting turns off and which would break into the demo's output. Python exceptions
+    still propagate, and print after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _largest_buffer_mib(fn):
     """(largest tensor any aten op allocates while ``fn`` runs, in MiB; fn's result): the
     logits-sized buffer the reference needs and the fused path never forms. The profiler's
     memory accounting sees inside hykernels' custom ops, where a dispatch mode would not."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     sizes = [e.self_cpu_memory_usage for e in prof.events() if e.name.startswith("aten::")]
     return max(sizes, default=0) / 2**20, result

@@ -22,6 +22,9 @@ def test_demo_runs_and_agrees(tmp_path):
                  "| trace | steps | PRG |", "-> OK"):
         assert line in r.stdout
     assert (tmp_path / "hykernels-demo-reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # nothing but its own lines: torch's profiler (part 2's buffer sizes) writes "USDT:...
+    # profiler_start" from C++ unless the demo silences it
+    assert "profiler_start" not in r.stdout + r.stderr and "USDT" not in r.stdout + r.stderr
 
 
 def test_demo_explanation_follows_its_numbers():
