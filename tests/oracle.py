@@ -27,7 +27,10 @@ def logits(h, w, b=None, temperature=1.0, softcap=None, gold=True):
 
 
 def stats(h, w, y, b=None, temperature=1.0, softcap=None, ignore_index=-100, gold=True):
-    z = logits(h, w, b, temperature, softcap, gold)
+    return stats_of_logits(logits(h, w, b, temperature, softcap, gold), y, ignore_index)
+
+
+def stats_of_logits(z, y, ignore_index=-100):
     logp_all = torch.log_softmax(z, dim=-1)
     p = logp_all.exp()
     valid = y != ignore_index

@@ -5,7 +5,6 @@ come from `token_stats` (no [N, V] logits) computed with the current policy, wit
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 

@@ -2,7 +2,8 @@
 grouped tile order, operand tiles by tensor descriptor or pointer, the logits tile with its
 softcap and temperature, and §2's gradient tile.
 
-``UPCAST`` makes operands fp32 before tl.dot: the CPU interpreter computes bf16 dots wrongly.
+``UPCAST`` (the CPU interpreter) makes operands fp32 and sums each dot over k in order (_dot):
+the interpreter computes bf16 dots wrongly, and its BLAS rounds an entry by its place in the tile.
 ``IEEE`` selects exact fp32 dots for fp32 inputs (Triton's default for fp32 is tf32).
 ``TMA`` selects tensor-descriptor operands (see _configs.use_descriptors).
 
@@ -117,9 +118,20 @@ def _store_tile(dst, value, r0, c0, n_rows, n_cols, stride, BR: tl.constexpr, BC
 
 @triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a·b in fp32. Compiled, an entry's dot does not depend on where the entry sits in the
+    tile, nor on BLOCK_K (fp32: one FMA per k, in order; half: the tensor cores' k-steps, in
+    order), so logits_grad's recomputed logits are bitwise logits_fwd's, as its
+    log p = (z − lse) − lse_lo needs (_grad_tile): p is exp of a difference of two ~|z| numbers,
+    and an ulp of z off the one lse came from is an ulp of relative error in p, with no
+    (1 − p) factor to damp it at a near-one p. The interpreter's tl.dot is a BLAS sgemm
+    (np.matmul), which rounds an entry by its row and column in the tile; a backward chunk's rows
+    sit elsewhere in their row tile than in the statistics pass over all rows, so z came back an
+    ulp or two off (1.5e-5 to 3e-5 at |z| ~ 200-300) and G with it (up to 2e-4 at coefficients
+    ~3: issue 10). There (UPCAST) each entry is summed over k in order too: np.sum along a
+    non-contiguous axis adds the k slices one after the other."""
     if UPCAST:
-        a, b = a.to(tl.float32), b.to(tl.float32)
-    if IEEE:
+        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    elif IEEE:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc)
