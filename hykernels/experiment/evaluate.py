@@ -129,3 +129,34 @@ def rank_auroc(scores, labels):
         return None
     _, ranks = np.unique(np.asarray(scores, dtype=float), return_inverse=True)
     return metrics.auroc(ranks / max(int(ranks.max()), 1), y)
+
+
+def within_group_auroc(scores, correct, groups, *, resamples: int = 2000, seed: int = 0) -> dict:
+    """How well a score orders the rollouts of one query by correctness, which is what GRPO
+    compares: P(score of a right rollout > score of a wrong one of the SAME group), ties
+    counting ½, over every such pair of every group (groups with only right or only wrong
+    rollouts have no pair). Pooled AUROC mixes in question difficulty (easy questions have both
+    more right rollouts and more confident ones); this does not.
+
+    Returns dict(auroc, ci95: [low, high], the 2.5 and 97.5 percentiles over ``resamples``
+    bootstrap resamples of the groups (the questions: rollouts of one question are not
+    independent), groups: with a pair, pairs), auroc and ci95 None without any pair."""
+    import numpy as np
+
+    scores, correct, groups = np.asarray(scores, dtype=float), np.asarray(correct, dtype=bool), np.asarray(groups)
+    wins, pairs = [], []
+    for g in np.unique(groups):
+        s, c = scores[groups == g], correct[groups == g]
+        right, wrong = s[c], s[~c]
+        if right.size and wrong.size:
+            diff = right[:, None] - wrong[None, :]
+            wins.append(float((diff > 0).sum() + 0.5 * (diff == 0).sum()))
+            pairs.append(right.size * wrong.size)
+    if not pairs:
+        return dict(auroc=None, ci95=None, groups=0, pairs=0)
+    wins, pairs = np.array(wins), np.array(pairs, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, wins.size, size=(resamples, wins.size))
+    boot = wins[idx].sum(1) / pairs[idx].sum(1)
+    return dict(auroc=float(wins.sum() / pairs.sum()), ci95=[float(np.percentile(boot, 2.5)),
+                                                            float(np.percentile(boot, 97.5))],
+                groups=int(wins.size), pairs=int(pairs.sum()))

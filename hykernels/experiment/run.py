@@ -36,7 +36,7 @@ import torch
 from .. import __version__, metrics
 from . import task
 from .arms import ARMS, ArmTrainer, TrainConfig
-from .evaluate import evaluate, rank_auroc
+from .evaluate import evaluate, rank_auroc, within_group_auroc
 from .fingerprint import TOLERANCE, compare, deterministic_algorithms, fingerprint
 from .model import ModelConfig, tiny_model, warm_up
 
@@ -142,15 +142,18 @@ def _run(seeds, arms, split, out, model_config, train_config, eval_every, eval_s
     reference = fingerprint()
     tok, splits = task.CharTokenizer(), task.make_splits()
     problems = getattr(splits, split)[:eval_size]
+    # the validity gates are read on the validation split, from the same trained models
+    val_problems = splits.val[:eval_size]
     checkpoints = sorted({0, train_config.steps, *range(0, train_config.steps, eval_every)})
-    results = {name: dict(label=ARMS[name].label, evals=[], logs=[]) for name in arms}
-    base, warm_losses = [], []
+    results = {name: dict(label=ARMS[name].label, evals=[], logs=[], val=[]) for name in arms}
+    base, base_val, warm_losses = [], [], []
     for seed in seeds:
         model = tiny_model(tok, model_config, seed)
         warm = warm_up(model, tok, splits, model_config, seed)
         warm_losses.append([round(x, 6) for x in warm[::max(1, len(warm) // 20)]] + [round(warm[-1], 6)])
         start = evaluate(model, tok, problems)
         base.append(start["summary"])
+        base_val.append(start["summary"] if split == "val" else evaluate(model, tok, val_problems)["summary"])
         log(f"seed {seed}: warm-up loss {warm[0]:.3f} -> {warm[-1]:.3f}; base model: "
             f"accuracy {start['summary']['accuracy']:.3f}, ECE {fmt(start['summary']['ece'])}")
         for name in arms:
@@ -164,6 +167,8 @@ def _run(seeds, arms, split, out, model_config, train_config, eval_every, eval_s
                     evals[step] = evaluate(policy, tok, problems)
             results[name]["evals"].append(evals)
             results[name]["logs"].append(logs)
+            results[name]["val"].append(evals[train_config.steps]["summary"] if split == "val"
+                                        else evaluate(policy, tok, val_problems)["summary"])
             final = evals[train_config.steps]["summary"]
             log(f"  {name:17s} accuracy {final['accuracy']:.3f}  answered {final['answered']:.3f}  "
                 f"ECE {fmt(final['ece'])}  mean confidence {fmt(final['mean_confidence'])}  "
@@ -175,19 +180,20 @@ def _run(seeds, arms, split, out, model_config, train_config, eval_every, eval_s
         seeds=list(seeds), checkpoints=checkpoints, model=asdict(model_config), train=asdict(train_config),
         data=dict(curated=len(splits.curated), many=len(splits.many), queries=len(splits.queries),
                   val=len(splits.val), test=len(splits.test), data_seed=1234),
-        base=dict(per_seed=base, mean_std=mean_std(base), warm_up_losses=warm_losses), arms={})
+        base=dict(per_seed=base, mean_std=mean_std(base), warm_up_losses=warm_losses, val_per_seed=base_val),
+        validity=validity(base_val, {name: r["val"] for name, r in results.items()}, len(val_problems)), arms={})
     for name, r in results.items():
         curve = [dict(step=s, **mean_std([e[s]["summary"] for e in r["evals"]])) for s in checkpoints]
         finals = [e[train_config.steps]["summary"] for e in r["evals"]]
         report["arms"][name] = dict(
             label=r["label"], final=mean_std(finals), final_per_seed=finals,
             change_from_base=paired(finals, base), curve=curve,
-            final_examples=[e[train_config.steps]["examples"] for e in r["evals"]],
+            final_examples=[e[train_config.steps]["examples"] for e in r["evals"]], final_val_per_seed=r["val"],
             tokens_trained=[sum(x["tokens"] for x in logs) for logs in r["logs"]])
     per_seed = {name: a["final_per_seed"] for name, a in report["arms"].items()}
-    report["comparisons"] = {f"{a} - {b}": paired(per_seed[a], per_seed[b]) for a, b in COMPARISONS
-                             if a in per_seed and b in per_seed}
-    report["prg_signal"] = {name: prg_signal(r["logs"], checkpoints) for name, r in results.items()
+    report["comparisons"] = holm({f"{a} - {b}": paired(per_seed[a], per_seed[b]) for a, b in COMPARISONS
+                                  if a in per_seed and b in per_seed})
+    report["prg_signal"] = {name: prg_signal(r["logs"], checkpoints, train_config.group) for name, r in results.items()
                             if ARMS[name].use_prg}
     report["less_vs_more"] = less_vs_more(report)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -204,7 +210,8 @@ def _run(seeds, arms, split, out, model_config, train_config, eval_every, eval_s
                                                               e[train_config.steps]["correct"]) if c is not None]
         pooled[name] = ([c for c, _ in pairs], [o for _, o in pairs])
     figures = plots(report, pooled, train_logs, out)
-    log("\n" + table(report) + "\n\n" + signal_table(report) + "\n\n" + less_vs_more_text(report))
+    log("\n" + validity_text(report["validity"]) + "\n\n" + table(report) + "\n\n" + comparisons_text(report) + "\n\n"
+        + signal_table(report) + "\n\n" + less_vs_more_text(report))
     log(f"\nwrote {out / 'ablation.json'} and {len(figures)} figures to {out}/ in {report['wall_s']:.0f} s")
     return report
 
@@ -214,30 +221,123 @@ COMPARISONS = (("hytuning", "mix"), ("hytuning", "rd"), ("hytuning_majority", "h
                ("hytuning_majority", "mix"), ("rd_many", "rd"), ("mix", "rlif"), ("hytuning", "grpo_correct"))
 
 
-def paired(a: list, b: list) -> dict:
-    """Per metric, the differences a − b seed by seed: [mean, std] and how many seeds have a > b
-    (``wins``), over the seeds where both exist. Two machines whose kernels differ draw different
-    seeds, so a difference that holds on most seeds is what a rerun elsewhere keeps."""
+def paired(a: list, b: list, resamples: int = 2000) -> dict:
+    """Per metric, the differences a − b seed by seed: [mean, std], how many seeds have a > b
+    (``wins``), a 95 % bootstrap interval of the mean (``ci95``: 2.5 and 97.5 percentiles over
+    ``resamples`` resamples of the seeds) and the two-sided p-value of a sign-flip permutation
+    test of mean 0 (``p``: exact over every sign pattern up to 12 seeds), over the seeds where
+    both exist. Two machines whose kernels differ draw different seeds, so a difference that
+    holds on most seeds is what a rerun elsewhere keeps."""
     out = {}
+    rng = np.random.default_rng(0)
     for key in ("accuracy", "ece", "brier", "auroc", "mean_confidence"):
-        d = [x[key] - y[key] for x, y in zip(a, b) if x.get(key) is not None and y.get(key) is not None]
-        out[key] = dict(mean_std=[float(np.mean(d)), float(np.std(d))], wins=sum(x > 0 for x in d), seeds=len(d)) \
-            if d else None
+        d = np.array([x[key] - y[key] for x, y in zip(a, b) if x.get(key) is not None and y.get(key) is not None])
+        if not d.size:
+            out[key] = None
+            continue
+        boot = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(1)
+        if d.size <= 12:
+            signs = 1 - 2 * ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1)
+        else:
+            signs = rng.choice([-1, 1], size=(4096, d.size))
+        p = float(np.mean(np.abs((signs * d).mean(1)) >= abs(d.mean()) - 1e-12))
+        out[key] = dict(mean_std=[float(d.mean()), float(d.std())], wins=int((d > 0).sum()), seeds=int(d.size),
+                        ci95=[float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))], p=p)
     return out
+
+
+def holm(comparisons: dict) -> dict:
+    """Adds ``p_holm`` to every metric of every comparison: Holm's step-down adjustment of the
+    sign-flip p-values across the comparisons made, per metric (so "significant at 0.05" holds
+    for the family, not for one comparison picked after looking)."""
+    for key in ("accuracy", "ece", "brier", "auroc", "mean_confidence"):
+        named = sorted(((c[key]["p"], name) for name, c in comparisons.items() if c.get(key)), key=lambda t: t[0])
+        running = 0.0
+        for rank, (p, name) in enumerate(named):
+            running = max(running, min(1.0, (len(named) - rank) * p))
+            comparisons[name][key]["p_holm"] = running
+    return comparisons
+
+
+# The testbed's own controls (issue 29), read on the validation split from the same trained
+# models, before any test-split figure means anything: (name, rule, threshold)
+GATES = (
+    ("more_labels_help", "RD on 10x the traces beats RD on the few by >= 0.10 accuracy on >= 80 % of seeds", 0.10),
+    ("few_traces_help", "RD on the few traces beats the base model by >= 0.03 accuracy (mean over seeds)", 0.03),
+    ("labelled_reward_ceiling", "GRPO with the correctness reward beats the base model by >= 0.05 accuracy on "
+                                ">= 80 % of seeds", 0.05),
+    ("base_miscalibrated", "the base model's ECE is >= 0.08 (mean over seeds): there is miscalibration to fix", 0.08),
+)
+
+
+def validity(base: list, finals: dict, questions: int) -> dict:
+    """The GATES from per-seed validation summaries: per gate its rule, the measured value, the
+    share of seeds over the margin where the rule counts seeds, and ``passed`` (None where an arm
+    it needs was not run); ``passed`` overall only when every gate ran and passed."""
+    def diffs(a, b):
+        return np.array([x["accuracy"] - y["accuracy"] for x, y in zip(a, b)])
+
+    measured = {}
+    if "rd_many" in finals and "rd" in finals:
+        d = diffs(finals["rd_many"], finals["rd"])
+        measured["more_labels_help"] = (float(d.mean()), float((d >= 0.10).mean()))
+    if "rd" in finals:
+        measured["few_traces_help"] = (float(diffs(finals["rd"], base).mean()), None)
+    if "grpo_correct" in finals:
+        d = diffs(finals["grpo_correct"], base)
+        measured["labelled_reward_ceiling"] = (float(d.mean()), float((d >= 0.05).mean()))
+    eces = [s["ece"] for s in base if s.get("ece") is not None]
+    if eces:
+        measured["base_miscalibrated"] = (float(np.mean(eces)), None)
+    gates = {}
+    for name, rule, threshold in GATES:
+        if name not in measured:
+            gates[name] = dict(rule=rule, value=None, seed_share=None, passed=None)
+            continue
+        value, share = measured[name]
+        ok = (share >= 0.8) if share is not None else value >= threshold
+        gates[name] = dict(rule=rule, value=value, seed_share=share, passed=bool(ok))
+    return dict(split="val", questions=questions, seeds=len(base), gates=gates,
+                passed=all(g["passed"] for g in gates.values()))
+
+
+def validity_text(v: dict) -> str:
+    lines = [f"validity gates (validation split, {v['questions']} questions, {v['seeds']} seeds):"]
+    for g in v["gates"].values():
+        mark = "n/a " if g["passed"] is None else ("PASS" if g["passed"] else "FAIL")
+        value = "arm not run" if g["value"] is None else f"{g['value']:+.3f}" + (
+            "" if g["seed_share"] is None else f", {g['seed_share']:.0%} of seeds over the margin")
+        lines.append(f"  {mark} {g['rule']}: {value}")
+    lines.append("the testbed passes its controls: the test-split figures below can tell a good method from a bad one"
+                 if v["passed"] else "THE TESTBED FAILS ITS CONTROLS: the test-split figures below cannot tell a good "
+                 "method from a bad one (issue 29); read them as a description of this testbed, not as evidence")
+    return "\n".join(lines)
 
 
 SIGNALS = (("prg_auroc", "prg_own"), ("prg_majority_auroc", "prg_majority"), ("self_certainty_auroc", "self_certainty"))
 
 
-def prg_signal(logs: list, checkpoints: list) -> dict:
+def prg_signal(logs: list, checkpoints: list, group: int = TrainConfig.group) -> dict:
     """How well each label-free score of a rollout predicts whether its answer is right: the AUROC
     for rollout correctness of PRG toward the rollout's own answer (``prg_auroc``, the default
     PRG), of PRG toward its group's majority answer (``prg_majority_auroc``) and of the
     self-certainty reward (``self_certainty_auroc``); pooled over every step and seed, per seed
     (mean ± std), and per checkpoint window (the steps since the previous checkpoint, seeds
     pooled). Also the mean of each PRG over correct rollouts, wrong rollouts and curated traces.
-    ``logs``: per seed, the arm's per-step logs with their ``signal``."""
+    ``logs``: per seed, the arm's per-step logs with their ``signal``.
+
+    ``within_group_auroc``: the same three scores' AUROC within each query's group of ``group``
+    rollouts (a step's rollouts, ``group`` consecutive per query), the comparison GRPO makes,
+    with a 95 % bootstrap interval over groups (evaluate.within_group_auroc); every step and
+    seed. The pooled figures beside it also measure question difficulty."""
     steps = [(i, step, log["signal"]) for i, seed_logs in enumerate(logs) for step, log in enumerate(seed_logs, 1)]
+
+    def within(rows):
+        ids = [(i, step, j // group) for i, step, sig in rows for j in range(len(sig["correct"]))]
+        groups = np.unique(np.array(ids), axis=0, return_inverse=True)[1].reshape(-1) if ids else []
+        correct = np.array([x for _, _, sig in rows for x in sig["correct"]], dtype=bool)
+        return {key: within_group_auroc([x for _, _, sig in rows for x in sig[key]], correct, groups)
+                for _, key in SIGNALS}
 
     def pool(rows):
         sig = {k: [x for _, _, s in rows for x in s[k]] for k in rows[0][2]} if rows else {}
@@ -261,7 +361,8 @@ def prg_signal(logs: list, checkpoints: list) -> dict:
         spread[name] = [float(np.mean(v)), float(np.std(v))] if v else None
     windows = [dict(steps=[a + 1, b], **(pool([r for r in steps if a < r[1] <= b]) or {}))
                for a, b in zip(checkpoints[:-1], checkpoints[1:])]
-    return dict(pooled=pool(steps), per_seed_mean_std=spread, per_seed=per_seed, per_checkpoint=windows)
+    return dict(within_group_auroc=within(steps) if steps else None, pooled=pool(steps), per_seed_mean_std=spread,
+                per_seed=per_seed, per_checkpoint=windows)
 
 
 def less_vs_more(report: dict) -> dict:
@@ -269,7 +370,8 @@ def less_vs_more(report: dict) -> dict:
     queries, how much of the accuracy gap between RD on the few traces (``rd``) and RD on 10× as
     many (``rd_many``) it closes. Per seed the gap (rd_many − rd) and the arm's gain (arm − rd);
     the share closed is the ratio of their means over seeds, ± its std over 2,000 bootstrap
-    resamples of the seeds (None where the mean gap is not positive)."""
+    resamples of the seeds and its 95 % interval (their 2.5 and 97.5 percentiles; None where the
+    mean gap is not positive). The share means something only where the validity gates passed."""
     arms = report["arms"]
     if "rd" not in arms or "rd_many" not in arms:
         return {}
@@ -285,7 +387,9 @@ def less_vs_more(report: dict) -> dict:
         share = float(gain.mean() / gap.mean()) if gap.mean() > 0 else None
         boot = [gain[i].mean() / gap[i].mean() for i in resamples if gap[i].mean() > 0]
         out["arms"][name] = dict(gain_over_rd=[float(gain.mean()), float(gain.std())], share_closed=share,
-                                 share_closed_std=float(np.std(boot)) if share is not None else None)
+                                 share_closed_std=float(np.std(boot)) if share is not None else None,
+                                 share_closed_ci95=[float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+                                 if share is not None and boot else None)
     return out
 
 
@@ -306,18 +410,34 @@ def table(report: dict) -> str:
 
 
 def signal_table(report: dict) -> str:
-    """The AUROC of each label-free score for rollout correctness, per arm that measures PRG."""
-    rows = ["| arm | rollouts (correct) | PRG, own answer | PRG, majority answer | self-certainty |",
-            "|---|---|---|---|---|"]
+    """The AUROC of each label-free score for rollout correctness, per arm that measures PRG:
+    within each query's group (what GRPO compares) with its 95 % interval, and pooled."""
+    rows = ["| arm | rollouts (correct) | AUROC | PRG, own answer | PRG, majority answer | self-certainty |",
+            "|---|---|---|---|---|---|"]
     for name, sig in report["prg_signal"].items():
-        p, spread = sig["pooled"], sig["per_seed_mean_std"]
+        p, within = sig["pooled"], sig["within_group_auroc"]
         if p is None:
             continue
-        cells = [fmt(p[k]) + ("" if spread[k] is None else f" (seeds {spread[k][0]:.3f} ± {spread[k][1]:.3f})")
-                 for k, _ in SIGNALS]
-        rows.append(f"| {report['arms'][name]['label']} | {p['rollouts']} ({p['correct_share']:.3f}) | "
-                    + " | ".join(cells) + " |")
-    return "AUROC for rollout correctness, pooled over steps and seeds:\n" + "\n".join(rows)
+        label = f"| {report['arms'][name]['label']} | {p['rollouts']} ({p['correct_share']:.3f}) |"
+        cells = ["n/a" if within[key]["auroc"] is None else
+                 f"{within[key]['auroc']:.3f} [{within[key]['ci95'][0]:.3f}, {within[key]['ci95'][1]:.3f}]"
+                 for _, key in SIGNALS]
+        rows.append(f"{label} within groups | " + " | ".join(cells) + " |")
+        rows.append(f"{label} pooled | " + " | ".join(fmt(p[k]) for k, _ in SIGNALS) + " |")
+    return ("AUROC for rollout correctness, every step and seed: within each query's group of rollouts (95 % "
+            "bootstrap interval over groups), and pooled (which also measures question difficulty):\n"
+            + "\n".join(rows))
+
+
+def comparisons_text(report: dict) -> str:
+    """Paired differences of accuracy and ECE between arms, with intervals and Holm-adjusted p."""
+    rows = ["| comparison | accuracy: mean [95 % interval], p Holm | ECE: mean [95 % interval], p Holm |",
+            "|---|---|---|"]
+    for name, c in report["comparisons"].items():
+        cells = ["n/a" if c.get(k) is None else f"{c[k]['mean_std'][0]:+.3f} [{c[k]['ci95'][0]:+.3f}, "
+                 f"{c[k]['ci95'][1]:+.3f}], {c[k]['p_holm']:.3f}" for k in ("accuracy", "ece")]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return f"paired by seed ({report['split']} split):\n" + "\n".join(rows)
 
 
 def less_vs_more_text(report: dict) -> str:
@@ -327,7 +447,9 @@ def less_vs_more_text(report: dict) -> str:
     lines = [f"less approximates more: RD on 10x the traces gains {lvm['gap'][0]:+.3f} ± {lvm['gap'][1]:.3f} accuracy "
              f"over RD on the few ({lvm['gap_positive_seeds']}/{len(report['seeds'])} seeds)"]
     for name, a in lvm["arms"].items():
-        share = "n/a" if a["share_closed"] is None else f"{a['share_closed']:.2f} ± {a['share_closed_std']:.2f}"
+        share = "n/a" if a["share_closed"] is None else (
+            f"{a['share_closed']:.2f} ± {a['share_closed_std']:.2f} (95 % interval {a['share_closed_ci95'][0]:.2f} to "
+            f"{a['share_closed_ci95'][1]:.2f})")
         lines.append(f"  {report['arms'][name]['label']}: {a['gain_over_rd'][0]:+.3f} ± {a['gain_over_rd'][1]:.3f} "
                      f"over RD on the few; share of the gap closed {share}")
     return "\n".join(lines)
