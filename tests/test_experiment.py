@@ -158,6 +158,13 @@ def test_quick_experiment_runs_end_to_end(tmp_path):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| HyTuning |" in r.stdout and "AUROC for rollout correctness" in r.stdout
     assert "less approximates more" in r.stdout
+    validity = report["validity"]
+    assert validity["split"] == "val" and validity["seeds"] == 1 and set(validity["gates"]) == {
+        "more_labels_help", "few_traces_help", "labelled_reward_ceiling", "base_miscalibrated"}
+    assert len(report["base"]["val_per_seed"]) == 1 and len(report["arms"]["rd"]["final_val_per_seed"]) == 1
+    assert r.stdout.index("validity gates") < r.stdout.index("| HyTuning |")
+    assert set(report["prg_signal"]["hytuning"]["within_group_auroc"]) == {"prg_own", "prg_majority", "self_certainty"}
+    assert {"ci95", "p", "p_holm"} <= set(report["comparisons"]["hytuning - mix"]["accuracy"])
 
 
 COMMITTED = ROOT / "experiments" / "results" / "ablation.json"
@@ -262,10 +269,27 @@ def test_prg_signal_pools_seeds_and_checkpoint_windows():
     assert got["per_checkpoint"][1]["rollouts"] == 4
     assert got["pooled"]["prg_own_mean_correct"] == pytest.approx((0.9 * 3 + 0.2) / 4)
     assert got["pooled"]["prg_traces_mean"] == 0.5
+    # within each step's group (both rollouts of a step are one query's): own PRG orders 3 of the 4
+    # groups' pairs, majority PRG none of seed 0's and tie + inverted in seed 1's
+    within = got["within_group_auroc"]
+    assert within["prg_own"]["auroc"] == 0.75 and within["prg_own"]["groups"] == 4
+    assert within["prg_majority"]["auroc"] == pytest.approx((0 + 0 + 0 + 0.5) / 4)
+    assert within["self_certainty"]["auroc"] == pytest.approx((0.5 + 0.5 + 0.5 + 0) / 4)
+    assert prg_signal(logs, [0, 1, 2], group=1)["within_group_auroc"]["prg_own"]["auroc"] is None  # no pair
+
+
+def test_within_group_auroc_compares_rollouts_of_one_query_only():
+    # group 0: the right rollouts score lower (0 of 4 pairs); group 1: higher (3 of 3); group 2 all wrong
+    scores, correct = [1, 2, 3, 4, 5, 1, 1, 1, 9, 9], [1, 1, 0, 0, 1, 0, 0, 0, 0, 0]
+    got = evaluate.within_group_auroc(scores, correct, [0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    assert got["auroc"] == pytest.approx(3 / 7) and got["groups"] == 2 and got["pairs"] == 7
+    assert got["ci95"][0] == 0.0 and got["ci95"][1] == 1.0  # resampling 2 groups gives 0, 3/7 or 1
+    assert evaluate.rank_auroc(scores, correct) != got["auroc"]  # pooled mixes the groups
+    assert evaluate.within_group_auroc([1, 2], [0, 0], [0, 0]) == dict(auroc=None, ci95=None, groups=0, pairs=0)
 
 
 def test_paired_and_less_vs_more():
-    from hykernels.experiment.run import less_vs_more, paired
+    from hykernels.experiment.run import holm, less_vs_more, paired
 
     def seeds(*acc):
         return [dict(accuracy=a, ece=0.1, brier=0.2, auroc=None, mean_confidence=0.5) for a in acc]
@@ -273,6 +297,12 @@ def test_paired_and_less_vs_more():
     d = paired(seeds(0.5, 0.4, 0.3), seeds(0.4, 0.5, 0.1))
     assert d["accuracy"]["mean_std"][0] == pytest.approx(0.2 / 3) and d["accuracy"]["wins"] == 2
     assert d["auroc"] is None and d["ece"]["mean_std"] == [0.0, 0.0]
+    # sign flips of (0.1, −0.1, 0.2): 6 of the 8 patterns have |mean| >= the observed 0.2/3
+    assert d["accuracy"]["p"] == pytest.approx(0.75) and d["ece"]["p"] == 1.0
+    assert min(0.1, -0.1, 0.2) <= d["accuracy"]["ci95"][0] <= d["accuracy"]["mean_std"][0] <= d["accuracy"]["ci95"][1]
+    comparisons = {name: dict(accuracy=dict(p=p)) for name, p in (("a", 0.01), ("b", 0.04), ("c", 0.03))}
+    holm(comparisons)  # sorted 0.01, 0.03, 0.04 times 3, 2, 1, then the running maximum
+    assert [comparisons[n]["accuracy"]["p_holm"] for n in "abc"] == pytest.approx([0.03, 0.06, 0.06])
     report = dict(arms=dict(rd=dict(final_per_seed=seeds(0.2, 0.3)), rd_many=dict(final_per_seed=seeds(0.4, 0.5)),
                             hytuning=dict(final_per_seed=seeds(0.3, 0.3))))
     got = less_vs_more(report)
@@ -280,7 +310,29 @@ def test_paired_and_less_vs_more():
     assert got["arms"]["hytuning"]["share_closed"] == pytest.approx(0.05 / 0.2)
     assert got["arms"]["hytuning"]["gain_over_rd"] == [pytest.approx(0.05), pytest.approx(0.05)]
     assert 0.0 < got["arms"]["hytuning"]["share_closed_std"] < 0.5
+    low, high = got["arms"]["hytuning"]["share_closed_ci95"]
+    assert low <= 0.25 <= high
     assert less_vs_more(dict(arms=dict(rd=report["arms"]["rd"]))) == {}
+
+
+def test_validity_gates():
+    from hykernels.experiment.run import validity
+
+    def seeds(*acc, ece=0.1):
+        return [dict(accuracy=a, ece=ece) for a in acc]
+
+    base = seeds(0.20, 0.20, 0.20, 0.20, 0.20)
+    good = dict(rd=seeds(0.25, 0.24, 0.22, 0.23, 0.21), rd_many=seeds(0.40, 0.35, 0.33, 0.35, 0.25),
+                grpo_correct=seeds(0.3, 0.3, 0.26, 0.25, 0.2))
+    v = validity(base, good, questions=200)
+    assert v["passed"] and v["gates"]["more_labels_help"]["seed_share"] == 0.8  # 4 of 5 seeds by >= 0.10
+    assert v["gates"]["few_traces_help"]["value"] == pytest.approx(0.03)
+    bad = dict(good, grpo_correct=seeds(0.3, 0.3, 0.24, 0.25, 0.2))  # 3 of 5 seeds by >= 0.05
+    v = validity(base, bad, questions=200)
+    assert not v["passed"] and v["gates"]["labelled_reward_ceiling"]["passed"] is False
+    assert not validity(seeds(0.2, 0.2, ece=0.05), dict(rd=seeds(0.3, 0.3)), 10)["gates"]["base_miscalibrated"]["passed"]
+    v = validity(base, dict(rd=good["rd"]), questions=200)  # arms not run: gates unknown, not passed
+    assert v["gates"]["more_labels_help"]["passed"] is None and v["passed"] is False
 
 
 def evidence_rows(committed: dict, rerun: dict) -> list:

@@ -274,21 +274,21 @@ def validity(base: list, finals: dict, questions: int) -> dict:
     """The GATES from per-seed validation summaries: per gate its rule, the measured value, the
     share of seeds over the margin where the rule counts seeds, and ``passed`` (None where an arm
     it needs was not run); ``passed`` overall only when every gate ran and passed."""
-    def diffs(a, b):
-        return np.array([x["accuracy"] - y["accuracy"] for x, y in zip(a, b)])
+    def diffs(a, b):  # rounded: 10 of 200 questions is a difference of exactly 0.05, not 0.0499999
+        return np.array([round(x["accuracy"] - y["accuracy"], 9) for x, y in zip(a, b)])
 
     measured = {}
     if "rd_many" in finals and "rd" in finals:
         d = diffs(finals["rd_many"], finals["rd"])
         measured["more_labels_help"] = (float(d.mean()), float((d >= 0.10).mean()))
     if "rd" in finals:
-        measured["few_traces_help"] = (float(diffs(finals["rd"], base).mean()), None)
+        measured["few_traces_help"] = (round(float(diffs(finals["rd"], base).mean()), 9), None)
     if "grpo_correct" in finals:
         d = diffs(finals["grpo_correct"], base)
         measured["labelled_reward_ceiling"] = (float(d.mean()), float((d >= 0.05).mean()))
     eces = [s["ece"] for s in base if s.get("ece") is not None]
     if eces:
-        measured["base_miscalibrated"] = (float(np.mean(eces)), None)
+        measured["base_miscalibrated"] = (round(float(np.mean(eces)), 9), None)
     gates = {}
     for name, rule, threshold in GATES:
         if name not in measured:
