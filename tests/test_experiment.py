@@ -181,6 +181,16 @@ def test_the_committed_run_is_what_this_code_computes():
     assert ok, f"worst: {worst}"
 
 
+def test_fingerprint_covers_every_arm_and_the_evaluation():
+    """--check covers what the docs say: every arm's first steps and the warmed-up model's
+    evaluation, in the committed runs' fingerprints and in the code's."""
+    for run in (COMMITTED, COMMITTED.parent / "rerun-avx2" / "ablation.json"):
+        fp = json.loads(run.read_text())["fingerprint"]
+        assert set(arms.ARMS) | {"evaluation", "warm_up_losses"} <= set(fp)
+        assert {"accuracy", "answered", "mean_confidence", "ece"} == set(fp["evaluation"])
+    assert set(fingerprint.ARM_STEPS) == set(arms.ARMS)
+
+
 def test_fingerprint_tolerance_covers_avx2_kernels_and_catches_a_change(tmp_path):
     """The same check in a process whose ATen kernels run AVX2 instead of AVX-512 (where the CPU
     has AVX-512; elsewhere the other way round is what CI checks) on 1 thread: within the

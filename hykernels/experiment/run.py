@@ -537,7 +537,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out-dir", default="experiments/results")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 2 steps, a short warm-up, 24 questions")
     p.add_argument("--check", metavar="ABLATION_JSON",
-                   help="only rerun the short fingerprint (about 10 s) and compare it with the one in ABLATION_JSON "
+                   help="only rerun the short fingerprint (about 20 s: a short warm-up, its evaluation and every arm's "
+                        "first steps) and compare it with the one in ABLATION_JSON "
                         "(e.g. experiments/results/ablation.json): exit 0 when this machine and code compute what "
                         "that run computed, within the fingerprint's tolerance, 1 when not")
 
