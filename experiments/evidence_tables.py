@@ -10,11 +10,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from hykernels.experiment.run import fmt  # noqa: E402
 RUNS = (ROOT / "experiments/results/ablation.json", ROOT / "experiments/results/rerun-avx2/ablation.json")
-
-
-def fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 def pm(ms) -> str:

@@ -43,11 +43,10 @@ WARMUP_STEPS = 30
 # backward and AdamW) stay within 7e-6. The advantage-weighted backward is tested against
 # references in tests/test_hytuning.py, not here.
 ROLLOUT_KEYS = ("loss", "reward", "rollout_accuracy")
+PRG_KEYS = ("loss", "rd_nll", "reward", "lam", "prg_rd", "prg_rollouts")
 ARM_STEPS = dict(
     rd=(3, ("loss",)), rd_many=(1, ("loss",)), rlif=(1, ROLLOUT_KEYS), mix=(1, ROLLOUT_KEYS + ("rd_nll",)),
-    hytuning=(1, ("loss", "rd_nll", "reward", "lam", "prg_rd", "prg_rollouts")),
-    hytuning_majority=(1, ("loss", "rd_nll", "reward", "lam", "prg_rd", "prg_rollouts")),
-    grpo_correct=(1, ROLLOUT_KEYS))
+    hytuning=(1, PRG_KEYS), hytuning_majority=(1, PRG_KEYS), grpo_correct=(1, ROLLOUT_KEYS))
 EVAL_QUESTIONS = 16  # the warmed-up model's evaluation: greedy answers and their confidence
 
 

@@ -221,6 +221,9 @@ COMPARISONS = (("hytuning", "mix"), ("hytuning", "rd"), ("hytuning_majority", "h
                ("hytuning_majority", "mix"), ("rd_many", "rd"), ("mix", "rlif"), ("hytuning", "grpo_correct"))
 
 
+PAIRED_METRICS = ("accuracy", "ece", "brier", "auroc", "mean_confidence")  # what paired() and holm() cover
+
+
 def paired(a: list, b: list, resamples: int = 2000) -> dict:
     """Per metric, the differences a − b seed by seed: [mean, std], how many seeds have a > b
     (``wins``), a 95 % bootstrap interval of the mean (``ci95``: 2.5 and 97.5 percentiles over
@@ -230,7 +233,7 @@ def paired(a: list, b: list, resamples: int = 2000) -> dict:
     holds on most seeds is what a rerun elsewhere keeps."""
     out = {}
     rng = np.random.default_rng(0)
-    for key in ("accuracy", "ece", "brier", "auroc", "mean_confidence"):
+    for key in PAIRED_METRICS:
         d = np.array([x[key] - y[key] for x, y in zip(a, b) if x.get(key) is not None and y.get(key) is not None])
         if not d.size:
             out[key] = None
@@ -250,7 +253,7 @@ def holm(comparisons: dict) -> dict:
     """Adds ``p_holm`` to every metric of every comparison: Holm's step-down adjustment of the
     sign-flip p-values across the comparisons made, per metric (so "significant at 0.05" holds
     for the family, not for one comparison picked after looking)."""
-    for key in ("accuracy", "ece", "brier", "auroc", "mean_confidence"):
+    for key in PAIRED_METRICS:
         named = sorted(((c[key]["p"], name) for name, c in comparisons.items() if c.get(key)), key=lambda t: t[0])
         running = 0.0
         for rank, (p, name) in enumerate(named):
@@ -277,25 +280,27 @@ def validity(base: list, finals: dict, questions: int) -> dict:
     def diffs(a, b):  # rounded: 10 of 200 questions is a difference of exactly 0.05, not 0.0499999
         return np.array([round(x["accuracy"] - y["accuracy"], 9) for x, y in zip(a, b)])
 
+    threshold = {name: t for name, _, t in GATES}
     measured = {}
     if "rd_many" in finals and "rd" in finals:
         d = diffs(finals["rd_many"], finals["rd"])
-        measured["more_labels_help"] = (float(d.mean()), float((d >= 0.10).mean()))
+        measured["more_labels_help"] = (float(d.mean()), float((d >= threshold["more_labels_help"]).mean()))
     if "rd" in finals:
         measured["few_traces_help"] = (round(float(diffs(finals["rd"], base).mean()), 9), None)
     if "grpo_correct" in finals:
         d = diffs(finals["grpo_correct"], base)
-        measured["labelled_reward_ceiling"] = (float(d.mean()), float((d >= 0.05).mean()))
+        measured["labelled_reward_ceiling"] = (float(d.mean()),
+                                               float((d >= threshold["labelled_reward_ceiling"]).mean()))
     eces = [s["ece"] for s in base if s.get("ece") is not None]
     if eces:
         measured["base_miscalibrated"] = (round(float(np.mean(eces)), 9), None)
     gates = {}
-    for name, rule, threshold in GATES:
+    for name, rule, _ in GATES:
         if name not in measured:
             gates[name] = dict(rule=rule, value=None, seed_share=None, passed=None)
             continue
         value, share = measured[name]
-        ok = (share >= 0.8) if share is not None else value >= threshold
+        ok = (share >= 0.8) if share is not None else value >= threshold[name]
         gates[name] = dict(rule=rule, value=value, seed_share=share, passed=bool(ok))
     return dict(split="val", questions=questions, seeds=len(base), gates=gates,
                 passed=all(g["passed"] for g in gates.values()))

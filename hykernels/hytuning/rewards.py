@@ -5,7 +5,6 @@ come from `token_stats` (no [N, V] logits) computed with the current policy, wit
 """
 from __future__ import annotations
 
-
 import torch
 
 from .. import functional as F
