@@ -3,7 +3,7 @@ against the ablation's own training loop, and the peak memory of its lm_head/los
 GRPO loss. Writes bench/results/trainer-cpu-<date>.json (device, versions, exact command, shapes, every
 repeat); the JSON is rewritten after each part, so a kill keeps what ran.
 
-1. Steps per second (``steps``). The same tiny Llama (hykernels/experiment/model.py, after
+1. Steps per second (``steps``). The same tiny Llama (hykernels/apps/experiment/model.py, after
    ``--model-warmup`` steps of the ablation's supervised warm-up) is post-trained by
    - ``loop``: the ablation's own loop, ``ArmTrainer`` with the ``hytuning`` arm (arms.py), and
    - ``trainer``: ``HyTuningTrainer`` on the same weights,
@@ -109,7 +109,7 @@ def fast_tokenizer(tok):
 
 def check_same_ids(tok, fast, problems) -> int:
     """Raise unless ``fast`` encodes and decodes the task's text as CharTokenizer does; returns the texts checked."""
-    from hykernels.experiment import task
+    from hykernels.apps.experiment import task
 
     texts = [p.prompt + p.completion for p in problems] + [task.CUE, task.STEP_SEPARATOR]
     for text in texts:
@@ -124,7 +124,7 @@ def check_same_ids(tok, fast, problems) -> int:
 
 def time_loop(base, tok, splits, config, warmup: int, steps: int, seed: int) -> dict:
     """ArmTrainer (the hytuning arm) for warmup + steps steps; each step timed."""
-    from hykernels.experiment import arms, task
+    from hykernels.apps.experiment import arms, task
 
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
@@ -161,7 +161,7 @@ def time_trainer(base, tok, fast, splits, config, warmup: int, steps: int, seed:
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
 
-    from hykernels.experiment import task
+    from hykernels.apps.experiment import task
     from hykernels.integrations.trl import HyTuningTrainer, HyTuningTrainerConfig
 
     class Clock(TrainerCallback):
@@ -202,9 +202,9 @@ def time_trainer(base, tok, fast, splits, config, warmup: int, steps: int, seed:
 
 
 def bench_steps(args, report: dict, save) -> None:
-    from hykernels.experiment import task
-    from hykernels.experiment.arms import TrainConfig
-    from hykernels.experiment.model import ModelConfig, tiny_model, warm_up
+    from hykernels.apps.experiment import task
+    from hykernels.apps.experiment.arms import TrainConfig
+    from hykernels.apps.experiment.model import ModelConfig, tiny_model, warm_up
 
     tok, splits = task.CharTokenizer(), task.make_splits()
     fast = fast_tokenizer(tok)
@@ -227,12 +227,12 @@ def bench_steps(args, report: dict, save) -> None:
                       lr=args.lr, warmup_steps=args.warmup, timed_steps=args.steps, rounds=args.rounds,
                       optimiser="AdamW (torch.optim), weight decay 0, no gradient clipping, constant lr",
                       sampling="temperature 1.0, top_k 0, top_p 1.0", dtype="float32"),
-        model=dict(what="hykernels.experiment.model.tiny_model: random-init LlamaForCausalLM (sdpa), then "
+        model=dict(what="hykernels.apps.experiment.model.tiny_model: random-init LlamaForCausalLM (sdpa), then "
                         f"{args.model_warmup} steps of the ablation's supervised warm-up",
                    hidden=model_config.hidden, layers=model_config.layers, heads=model_config.heads, vocab=len(tok),
                    parameters=sum(p.numel() for p in base.parameters()), warmup_s=time.perf_counter() - t0,
                    warmup_loss_first_last=[warm[0], warm[-1]] if warm else None),
-        tokenizer=dict(loop="hykernels.experiment.task.CharTokenizer",
+        tokenizer=dict(loop="hykernels.apps.experiment.task.CharTokenizer",
                        trainer="PreTrainedTokenizerFast (BPE without merges) with CharTokenizer's ids: TRL needs a "
                                "transformers tokenizer; checked equal on encode/decode of "
                                f"{checked} task texts"),
@@ -376,8 +376,8 @@ def bench_memory(args, report: dict, save) -> None:
     from trl import GRPOConfig, GRPOTrainer
     from trl.trainer.utils import add_fused_lm_head
 
-    from hykernels.experiment import task
-    from hykernels.experiment.model import ModelConfig, tiny_model
+    from hykernels.apps.experiment import task
+    from hykernels.apps.experiment.model import ModelConfig, tiny_model
     from hykernels.integrations.transformers import last_hidden_states
     from hykernels.integrations.trl import HyTuningTrainer, HyTuningTrainerConfig
 

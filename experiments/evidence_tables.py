@@ -11,7 +11,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from hykernels.experiment.run import fmt  # noqa: E402
+from hykernels.apps.experiment.run import fmt  # noqa: E402
 RUNS = (ROOT / "experiments/results/ablation.json", ROOT / "experiments/results/rerun-avx2/ablation.json")
 
 

@@ -10,7 +10,7 @@ of the few-shot format), and its self-certainty (mean over its tokens).
 
 What it reports (``experiments/results/real_model_signal.json``, and printed): accuracy, and per
 score the AUROC for rollout correctness WITHIN each question's group of 8 (what GRPO compares;
-hykernels.experiment.evaluate.within_group_auroc) with a 95 % bootstrap interval over questions;
+hykernels.apps.experiment.evaluate.within_group_auroc) with a 95 % bootstrap interval over questions;
 the pooled AUROC beside it, which also measures question difficulty. About 12 minutes on 2 CPU
 cores; the numbers depend on torch's CPU kernels (see the JSON's environment), so another machine
 draws other samples: compare intervals, not digits.
@@ -137,8 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "experiments/results/real_model_signal.json"))
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from hykernels.experiment.evaluate import rank_auroc, within_group_auroc
-    from hykernels.experiment.run import environment, fmt, versions
+    from hykernels.apps.experiment.evaluate import rank_auroc, within_group_auroc
+    from hykernels.apps.experiment.run import environment, fmt, versions
     from hykernels.hytuning import ProbeTrace, encode_answer, majority_answers
 
     t0 = time.perf_counter()

@@ -1,4 +1,7 @@
-"""Command line: `python -m hykernels demo | experiment | train | info`."""
+"""Command line: `python -m hykernels demo | experiment | train | info`.
+
+demo, experiment and train are applications (hykernels/apps/), imported only when their command
+runs; info reports the library itself."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +26,7 @@ def _info() -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # TRL's own parser takes the rest (every trainer config field is a flag)
-        from .train.cli import main as train
+        from .apps.train.cli import main as train
 
         return train(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m hykernels")
@@ -36,7 +39,7 @@ def main(argv=None) -> int:
     demo.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2-135M")
     demo.add_argument("--out-dir", default=".", help="where the reliability diagram PNG goes")
     experiment = sub.add_parser("experiment", help="the ablation: RD, RLIF, RD + RLIF, HyTuning (CPU, offline)")
-    from .experiment.run import add_arguments
+    from .apps.experiment.run import add_arguments
 
     add_arguments(experiment)
     sub.add_parser("train", add_help=False,
@@ -45,12 +48,12 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions and which backends can run here")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from . import _demo
+        from .apps import demo
 
-        return _demo.main(seed=args.seed, tiny=args.tiny, steps=args.steps, warmup_steps=args.warmup_steps,
+        return demo.main(seed=args.seed, tiny=args.tiny, steps=args.steps, warmup_steps=args.warmup_steps,
                           out_dir=args.out_dir)
     if args.command == "experiment":
-        from .experiment.run import from_args
+        from .apps.experiment.run import from_args
 
         return from_args(args)
     return _info()

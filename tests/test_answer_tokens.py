@@ -109,7 +109,7 @@ def trainer(tok, tmp_path_factory):
 
     from hykernels.integrations.trl import HyTuningTrainer, HyTuningTrainerConfig
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     from recipe_common import tiny_causal_lm
 
     path = tmp_path_factory.mktemp("model")

@@ -1,4 +1,4 @@
-"""The README's main job and the python/ recipes run as they are."""
+"""The README's main job and the examples/ recipes run as they are."""
 import math
 import runpy
 import subprocess
@@ -28,7 +28,7 @@ def test_demo_runs_and_agrees(tmp_path):
 
 
 def test_demo_explanation_follows_its_numbers():
-    from hykernels._demo import explain
+    from hykernels.apps.demo import explain
 
     def m(acc, ece, answered=1.0):
         return dict(accuracy=acc, ece=ece, answered=answered)
@@ -53,15 +53,15 @@ def test_info_lists_backends():
 
 
 def test_plain_pytorch_loop_learns():
-    main = runpy.run_path(str(ROOT / "python" / "plain_pytorch_loop.py"))["main"]
+    main = runpy.run_path(str(ROOT / "examples" / "plain_pytorch_loop.py"))["main"]
     losses = main(["--steps", "25"])
     assert losses[-1] < 0.7 * losses[0]
 
 
 def _recipe(name, monkeypatch):
-    """A python/ recipe's globals, its sibling recipe_common importable as when it runs as a script."""
-    monkeypatch.syspath_prepend(str(ROOT / "python"))
-    return runpy.run_path(str(ROOT / "python" / f"{name}.py"))
+    """A examples/ recipe's globals, its sibling recipe_common importable as when it runs as a script."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    return runpy.run_path(str(ROOT / "examples" / f"{name}.py"))
 
 
 def _logged_losses(trainer):
@@ -162,8 +162,8 @@ def test_trl_grpo_hooks_equal_trl_and_train(monkeypatch, tmp_path):
 
 
 def test_vocab_parallel_torchrun_recipe_matches_single_process():
-    """python/vocab_parallel_torchrun.py under torchrun, 2 CPU ranks (gloo): the sharded lm_head
+    """examples/vocab_parallel_torchrun.py under torchrun, 2 CPU ranks (gloo): the sharded lm_head
     trains exactly like the single-process model."""
-    r = torchrun("python/vocab_parallel_torchrun.py")
+    r = torchrun("examples/vocab_parallel_torchrun.py")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "ok", r.stdout

@@ -30,7 +30,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PUBLIC_MODULES = ("hykernels", "hykernels.functional", "hykernels.hytuning", "hykernels.metrics",
-                  "hykernels.integrations.transformers", "hykernels.experiment",
+                  "hykernels.integrations.transformers", "hykernels.apps.experiment",
                   *(("hykernels.integrations.trl",) if importlib.util.find_spec("trl") else ()))  # an optional extra
 
 FENCE = re.compile(r"^(`{3,})\s*([\w+-]*)[^\n]*$")

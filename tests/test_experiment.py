@@ -1,4 +1,4 @@
-"""The ablation (hykernels.experiment): its task, batches, scoring and arms checked against
+"""The ablation (hykernels.apps.experiment): its task, batches, scoring and arms checked against
 independent computations, and a tiny end-to-end run that writes its files (it asserts nothing
 about which arm wins)."""
 import copy
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hykernels.experiment import arms, evaluate, fingerprint, task
-from hykernels.experiment.model import ModelConfig, gold_batch, make_batch, tiny_model
+from hykernels.apps.experiment import arms, evaluate, fingerprint, task
+from hykernels.apps.experiment.model import ModelConfig, gold_batch, make_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK = task.CharTokenizer()
@@ -263,7 +263,7 @@ def _signal(prg_own, prg_majority, self_certainty, correct):
 
 
 def test_prg_signal_pools_seeds_and_checkpoint_windows():
-    from hykernels.experiment.run import prg_signal
+    from hykernels.apps.experiment.run import prg_signal
 
     # seed 0: own PRG separates perfectly, majority inverted, self-certainty ties; seed 1 the same
     step = _signal([0.9, 0.1], [0.1, 0.9], [2.0, 2.0], [1.0, 0.0])
@@ -299,7 +299,7 @@ def test_within_group_auroc_compares_rollouts_of_one_query_only():
 
 
 def test_paired_and_less_vs_more():
-    from hykernels.experiment.run import holm, less_vs_more, paired
+    from hykernels.apps.experiment.run import holm, less_vs_more, paired
 
     def seeds(*acc):
         return [dict(accuracy=a, ece=0.1, brier=0.2, auroc=None, mean_confidence=0.5) for a in acc]
@@ -326,7 +326,7 @@ def test_paired_and_less_vs_more():
 
 
 def test_validity_gates():
-    from hykernels.experiment.run import validity
+    from hykernels.apps.experiment.run import validity
 
     def seeds(*acc, ece=0.1):
         return [dict(accuracy=a, ece=ece) for a in acc]

@@ -1,4 +1,4 @@
-"""Data parallelism end to end: python/fsdp2_ddp_torchrun.py under torchrun on 2 CPU ranks (gloo).
+"""Data parallelism end to end: examples/fsdp2_ddp_torchrun.py under torchrun on 2 CPU ranks (gloo).
 
 A tiny random-init Llama trains 3 steps with hk.fused_loss under DDP, under FSDP2 with hykernels
 inside the wrapped forward, and under FSDP2 with the sharded lm_head weight passed as
@@ -24,7 +24,7 @@ WAYS = ("ddp", "fsdp2", "fsdp2-full-tensor", "prg")
 
 @pytest.fixture(scope="module")
 def output():
-    r = torchrun("python/fsdp2_ddp_torchrun.py")
+    r = torchrun("examples/fsdp2_ddp_torchrun.py")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 

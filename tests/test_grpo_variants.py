@@ -4,7 +4,7 @@ sequence-level importance ratios (GSPO), the bias-corrected KL and per-sequence 
 
 The oracle is a plain-PyTorch transcription of _compute_loss on materialised fp64 logits
 (trl_loss); where TRL is installed its own _compute_loss is run on the same log-probs too, and the
-TRL recipe (python/trl_grpo.py) is checked against it for every setting it accepts."""
+TRL recipe (examples/trl_grpo.py) is checked against it for every setting it accepts."""
 import math
 from collections import defaultdict
 from types import SimpleNamespace
@@ -95,7 +95,7 @@ def trl_loss(logp, mask, advantages, old, ref, *, loss_type, level, bias_kl, bet
 
 
 def token_weights(mask, loss_type, accumulation=ACCUMULATION):
-    """The per-token weights a TRL user passes to fused_loss (as python/trl_grpo.py builds them);
+    """The per-token weights a TRL user passes to fused_loss (as examples/trl_grpo.py builds them);
     fp64 (from an fp64 mask): fused_loss rounds them to fp32 for fp32 inputs."""
     mask = mask.double()
     if loss_type == "dapo":  # TRL's normaliser in training: num_items_in_batch · accumulation / steps_per_generation
@@ -275,7 +275,7 @@ def grpo_batch(g):
 
 
 def test_trl_recipe_matches_trl_for_every_variant(monkeypatch, tmp_path):
-    """python/trl_grpo.py's trainer (hykernels.integrations.trl.HyTuningTrainer) on a batch of
+    """examples/trl_grpo.py's trainer (hykernels.integrations.trl.HyTuningTrainer) on a batch of
     rollouts: its _compute_loss equals TRL's own (its logits path) for every loss type,
     importance-sampling level and KL correction it accepts: values and gradients."""
     trl = pytest.importorskip("trl")
@@ -283,8 +283,8 @@ def test_trl_recipe_matches_trl_for_every_variant(monkeypatch, tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    monkeypatch.syspath_prepend(str(root / "python"))
-    r = runpy.run_path(str(root / "python" / "trl_grpo.py"))
+    monkeypatch.syspath_prepend(str(root / "examples"))
+    r = runpy.run_path(str(root / "examples" / "trl_grpo.py"))
     trainer = r["make_trainer"](r["parse_args"](["--steps", "1"]), str(tmp_path))
     model, g = trainer.model.train(), torch.Generator().manual_seed(1)
     trainer.current_gradient_accumulation_steps = 2

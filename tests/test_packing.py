@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def recipe(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "python"))
-    return runpy.run_path(str(ROOT / "python" / "transformers_trainer.py"))
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    return runpy.run_path(str(ROOT / "examples" / "transformers_trainer.py"))
 
 
 def _loss_and_grads(trainer, batch):

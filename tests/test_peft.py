@@ -111,8 +111,8 @@ def test_frozen_weight_allocates_no_weight_gradient(backend, path, dtype, monkey
 
 
 def _recipe(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "python"))
-    return runpy.run_path(str(ROOT / "python" / "transformers_trainer.py"))
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    return runpy.run_path(str(ROOT / "examples" / "transformers_trainer.py"))
 
 
 def test_lora_recipe_matches_model_loss_and_adapter_grads(monkeypatch, tmp_path):

@@ -14,10 +14,10 @@ import random
 import pytest
 import torch
 
-from hykernels.experiment import arms, task
-from hykernels.experiment.evaluate import correctness, generate
-from hykernels.experiment.fingerprint import deterministic_algorithms
-from hykernels.experiment.model import ModelConfig, cross_entropy, gold_batch, tiny_model
+from hykernels.apps.experiment import arms, task
+from hykernels.apps.experiment.evaluate import correctness, generate
+from hykernels.apps.experiment.fingerprint import deterministic_algorithms
+from hykernels.apps.experiment.model import ModelConfig, cross_entropy, gold_batch, tiny_model
 
 SEED, SAMPLES = 0, 16
 

@@ -213,8 +213,8 @@ def test_trl_log_probs_of_gemma2_with_temperature(monkeypatch, tmp_path):
     trl = pytest.importorskip("trl")
     import runpy
 
-    monkeypatch.syspath_prepend(str(ROOT / "python"))
-    r = runpy.run_path(str(ROOT / "python" / "trl_grpo.py"))
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    r = runpy.run_path(str(ROOT / "examples" / "trl_grpo.py"))
     trainer = r["make_trainer"](r["parse_args"](["--steps", "1"]), str(tmp_path))
     trainer.temperature = temperature = 0.7
     model = _tiny_gemma2()

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models  # noqa: E402
 from hykernels.__main__ import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT / "examples"))
 from recipe_common import tiny_causal_lm  # noqa: E402
 
 CUE = "\nAnswer: "  # HyTuningTrainerConfig.answer_cue's default
@@ -170,7 +170,7 @@ def test_text_flags_read_escapes_as_the_yaml_does(inputs, tmp_path):
     """--answer_cue '\\nAnswer: ' typed on a shell (a backslash and an n) is the YAML's "\\nAnswer: ";
     a YAML value is read once, by the YAML (its single-quoted backslash stays a backslash)."""
     from hykernels.integrations.trl import HyTuningTrainerConfig
-    from hykernels.train import cli
+    from hykernels.apps.train import cli
 
     argv, files = inputs
     _, config, _ = cli.parse(HyTuningTrainerConfig, argv[1:] + ["--answer_cue", "\\nResult:\\t", "--step-delimiter",
@@ -182,7 +182,7 @@ def test_text_flags_read_escapes_as_the_yaml_does(inputs, tmp_path):
 
 
 def test_answer_span_starts_at_the_token_reaching_past_the_cue():
-    from hykernels.train.evaluate import answer_span
+    from hykernels.apps.train.evaluate import answer_span
 
     tok = char_tokenizer(merges=((" ", "1"),))  # " 1" is one token: it holds the cue's last character
     ids = tok.encode("x\nAnswer: 12", add_special_tokens=False) + [tok.eos_token_id]
@@ -197,7 +197,7 @@ def test_evaluation_scores_the_models_own_answers(model_dir, monkeypatch):
     confidence exp(mean log p) of the answer tokens from the model's own logits, and the summary."""
     import torch
 
-    from hykernels.train import evaluate as ev
+    from hykernels.apps.train import evaluate as ev
 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
@@ -229,7 +229,7 @@ def test_model_config_flags_reach_the_trainer(inputs):
     """TRL's ModelConfig flags (LoRA, dtype) become the trainer's peft config and model init kwargs, as in
     TRL's own grpo script; the command line overrides the YAML, which overrides the defaults."""
     from hykernels.integrations.trl import HyTuningTrainerConfig
-    from hykernels.train import cli
+    from hykernels.apps.train import cli
 
     argv, _ = inputs
     script, config, model_args = cli.parser(HyTuningTrainerConfig).parse_args_and_config(
@@ -336,7 +336,7 @@ def test_bad_input_fails_before_any_model_loads(case, inputs, tmp_path, model_di
 
 
 def test_without_trl_train_says_how_to_install_and_demo_still_parses():
-    code = ("import sys; sys.modules['trl'] = None; from hykernels.__main__ import main; import hykernels._demo; "
+    code = ("import sys; sys.modules['trl'] = None; from hykernels.__main__ import main; import hykernels.apps.demo; "
             "rc = main(['train', '--help']); print('rc', rc); main(['demo', '--help'])")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

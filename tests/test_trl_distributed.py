@@ -28,7 +28,7 @@ def runs(tmp_path_factory):
     import subprocess
     import sys
 
-    sys.path.insert(0, str(ROOT / "python"))
+    sys.path.insert(0, str(ROOT / "examples"))
     from recipe_common import tiny_causal_lm
 
     base = tmp_path_factory.mktemp("trl_dist")

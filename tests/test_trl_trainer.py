@@ -21,7 +21,7 @@ from hykernels.hytuning import LOSS_TYPES, ProbeTrace, separate_probes, step_del
 from hykernels.integrations.trl import HyTuningTrainer, HyTuningTrainerConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT / "examples"))
 from recipe_common import char_tokenizer, tiny_causal_lm  # noqa: E402
 
 CUE = "\nAnswer: "

@@ -1,4 +1,4 @@
-"""Run a python/ recipe under torchrun for the tests: 2 CPU ranks, this checkout's hykernels.
+"""Run an examples/ recipe under torchrun for the tests: 2 CPU ranks, this checkout's hykernels.
 
 torch's gloo teardown sometimes aborts a rank after the script has finished: the recipe prints
 its last line ("ok"), then the rank dies at interpreter exit with "terminate called without an

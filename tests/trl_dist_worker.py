@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT / "examples"))
 from recipe_common import char_tokenizer  # noqa: E402
 
 from datasets import Dataset  # noqa: E402

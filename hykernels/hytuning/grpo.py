@@ -35,7 +35,7 @@ def grpo_token_weights(mask: torch.Tensor, loss_type: str = "dapo", *, seq_ids: 
     - ``dr_grpo``: Σ_t ℓ_t / (B · max_completion_length)
     - ``dapo``: Σ_t ℓ_t / num_items_in_batch, the token count of the whole (global, generation)
       batch; TRL divides its num_items_in_batch by the number of processes and, in training,
-      multiplies by accumulation steps / steps_per_generation (python/trl_grpo.py shows how).
+      multiplies by accumulation steps / steps_per_generation (examples/trl_grpo.py shows how).
       Default: the mask's own count, i.e. bnpo.
     - ``luspo``: (1/B) Σ_i Σ_{t∈o_i} ℓ_t
 

@@ -1,6 +1,6 @@
 """A vocabulary-parallel (tensor-parallel) lm_head trained with hykernels, on 2 CPU ranks:
 
-    torchrun --standalone --nproc_per_node 2 python/vocab_parallel_torchrun.py
+    torchrun --standalone --nproc_per_node 2 examples/vocab_parallel_torchrun.py
 
 Every rank runs the same (replicated) trunk on the same batch; the lm_head is split over the
 vocabulary with torch's own tensor parallelism (ColwiseParallel makes its weight a Shard(0)

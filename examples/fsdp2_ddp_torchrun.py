@@ -1,8 +1,8 @@
 """Data parallelism (DDP, FSDP2 ``fully_shard``) with hykernels' loss, on 2 CPU ranks:
 
-    torchrun --standalone --nproc_per_node 2 python/fsdp2_ddp_torchrun.py
+    torchrun --standalone --nproc_per_node 2 examples/fsdp2_ddp_torchrun.py
 
-A tiny random-init Llama (python/recipe_common.py) trains a few steps on a global batch split
+A tiny random-init Llama (examples/recipe_common.py) trains a few steps on a global batch split
 across the ranks, each way below, next to a single-process copy trained on the whole batch; the
 script prints, per way, the largest difference of the per-step loss and of the final parameters:
 

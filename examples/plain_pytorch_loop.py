@@ -3,7 +3,7 @@
 The model returns hidden states; the lm_head weight goes straight to `hk.fused_loss`, so the
 [tokens × vocab] logits are never held. Runs on the CPU in seconds:
 
-    python python/plain_pytorch_loop.py --steps 20
+    python examples/plain_pytorch_loop.py --steps 20
 """
 import argparse
 

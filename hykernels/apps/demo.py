@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from . import functional as F
-from . import metrics
-from ._demo_data import CUE, PROMPT, RD_TRACES, RLIF_QUERIES
-from .hytuning import HyTuningLoss, ProbeTrace, build_probes, prg_loss, rollout_rewards, step_delimiters
-from .integrations.transformers import last_hidden_states, lm_head, probe_support
+from .. import functional as F
+from .. import metrics
+from .demo_data import CUE, PROMPT, RD_TRACES, RLIF_QUERIES
+from ..hytuning import HyTuningLoss, ProbeTrace, build_probes, prg_loss, rollout_rewards, step_delimiters
+from ..integrations.transformers import last_hidden_states, lm_head, probe_support
 
 GROUP = 4  # rollouts per RLIF query
 MAX_NEW = 48

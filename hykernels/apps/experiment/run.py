@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__, metrics
+from ... import __version__, metrics
 from . import task
 from .arms import ARMS, ArmTrainer, TrainConfig
 from .evaluate import evaluate, rank_auroc, within_group_auroc
@@ -84,7 +84,7 @@ def environment() -> dict:
 def commit() -> dict:
     """The package's git commit and whether hykernels/ had uncommitted changes (None outside a
     git checkout)."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
 
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
@@ -121,7 +121,7 @@ def run(*, seeds=(0, 1, 2), arms=tuple(ARMS), split="test", out_dir="experiments
 
     Args:
         seeds: one warmed-up base model per seed; every arm starts from it.
-        arms: names from ``hykernels.experiment.arms.ARMS``.
+        arms: names from ``hykernels.apps.experiment.arms.ARMS``.
         split: ``"test"`` (held out, reported) or ``"val"`` (for choosing settings).
         out_dir: where ``ablation.json``, ``ablation_curves.png`` and the reliability diagrams go.
         model_config: the tiny Llama and its warm-up (``ModelConfig()`` by default).

@@ -11,9 +11,9 @@ projections through peft, the lm_head frozen (hykernels then forms no lm_head gr
 the CPU in seconds:
 
     pip install -e ".[trainer]"
-    python python/transformers_trainer.py --steps 20               # SFT on a tiny random Llama
-    python python/transformers_trainer.py --steps 20 --hytuning --arch qwen2 --packed
-    pip install -e ".[peft]" && python python/transformers_trainer.py --steps 20 --lora
+    python examples/transformers_trainer.py --steps 20               # SFT on a tiny random Llama
+    python examples/transformers_trainer.py --steps 20 --hytuning --arch qwen2 --packed
+    pip install -e ".[peft]" && python examples/transformers_trainer.py --steps 20 --lora
 """
 import argparse
 

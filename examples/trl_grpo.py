@@ -6,7 +6,7 @@ from hidden states and the lm_head weight (docs/guides/trl.md). ``--traces-per-s
 GRPO with hykernels' loss (equal to TRL's own). Offline, on the CPU, in seconds:
 
     pip install "hykernels[trl]"
-    python python/trl_grpo.py --steps 2 [--loss-type grpo] [--importance-sampling-level sequence]
+    python examples/trl_grpo.py --steps 2 [--loss-type grpo] [--importance-sampling-level sequence]
 """
 import argparse
 

@@ -58,7 +58,7 @@ class TrainArguments:
 def trace_token_counts(tokenizer, cue: str):
     """Per trace record, its tokens as HyTuningTrainer counts them against its cap: the prompt as
     TRL tokenizes it, then reasoning, answer cue and answer as their one encoding splits them."""
-    from ..hytuning import encode_answer
+    from ...hytuning import encode_answer
 
     def count(record: dict) -> dict:
         parts = encode_answer(tokenizer, record["reasoning"], cue, record["answer"].strip())
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
         return EXIT_MISSING_TRL
     import yaml
 
-    from ..integrations.trl import HyTuningTrainer, HyTuningTrainerConfig
+    from ...integrations.trl import HyTuningTrainer, HyTuningTrainerConfig
 
     try:
         script, config, model_args = parse(HyTuningTrainerConfig, argv)

@@ -7,8 +7,7 @@ without its surrounding whitespace, to the end of that line, stripped), and it i
 stripped. Confidence is exp of the mean log-prob of the answer tokens (the tokens holding the
 answer's text) given the prompt and the response before them (docs/math.md §7). A response
 without the cue, or with nothing after it, is unanswered: wrong for accuracy and left out of the
-calibration metrics, as in the ablation (hykernels/experiment/evaluate.py, whose scoring and
-summary this reuses).
+calibration metrics, as in the ablation: both score with hykernels/apps/scoring.py.
 """
 from __future__ import annotations
 
@@ -16,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from ..experiment.evaluate import span_confidence, summarize
-from ..integrations._trl_rows import find_answer
+from ...integrations._trl_rows import find_answer
+from ..scoring import span_confidence, summarize
 from .data import prompt_ids as encode_prompt
 
 COLUMNS = (("accuracy", "accuracy"), ("answered", "answered"), ("ece", "ECE"), ("brier", "Brier"),

@@ -28,13 +28,13 @@ from typing import Optional
 
 import torch
 
-from .. import functional as F
-from ..hytuning import (HyTuningConfig, HyTuningLoss, ProbeTrace, build_probes, majority_answers, prg_loss,
+from ... import functional as F
+from ...hytuning import (HyTuningConfig, HyTuningLoss, ProbeTrace, build_probes, majority_answers, prg_loss,
                         rollout_rewards)
-from ..integrations.transformers import lm_head, probe_support
+from ...integrations.transformers import lm_head, probe_support
 from . import task
 from .evaluate import correctness, generate
-from .model import make_batch
+from ..batching import make_batch
 
 
 @dataclass(frozen=True)
