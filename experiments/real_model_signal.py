@@ -97,20 +97,17 @@ def sample(model, tok, prompt: str, group: int, max_new: int) -> list[str]:
 @torch.no_grad()
 def self_certainty(model, tok, prompt_ids: list, completions: list) -> list[float]:
     """Mean self-certainty (docs/math.md §1) over each completion's tokens, given the prompt: one
-    right-padded forward pass, then rollout_rewards on the completion rows only."""
+    right-padded forward pass (the applications' batch layout), then rollout_rewards on the
+    completion rows only."""
+    from hykernels.apps.batching import make_batch
     from hykernels.hytuning import rollout_rewards
-    from hykernels.integrations.transformers import last_hidden_states, lm_head
+    from hykernels.integrations.transformers import lm_head
 
-    seqs = [prompt_ids + c for c in completions]
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [tok.eos_token_id] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    hidden = last_hidden_states(model, ids, attention_mask=mask)
-    # position t predicts token t + 1: a completion token when len(prompt) <= t + 1 < len(seq)
-    rows = [(i, t) for i, s in enumerate(seqs) for t in range(len(prompt_ids) - 1, len(s) - 1)]
-    which, at = torch.tensor([i for i, _ in rows]), torch.tensor([t for _, t in rows])
+    batch = make_batch([prompt_ids] * len(completions), completions, tok.eos_token_id)
+    hidden = batch.hidden(model)
+    rows = batch.seq_ids >= 0  # position t predicts token t + 1: a completion token
     head = lm_head(model)
-    return rollout_rewards(hidden[which, at], head.weight, ids[which, at + 1], which, len(seqs),
+    return rollout_rewards(hidden[rows], head.weight, batch.targets[rows], batch.seq_ids[rows], len(completions),
                            **head.kwargs()).tolist()
 
 
